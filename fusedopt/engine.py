@@ -1,0 +1,392 @@
+"""The multi-tensor engine every fusedopt optimizer runs on.
+
+An optimizer is a small spec (see :class:`FusedOptimizer`); this module does the rest:
+
+1. **Buckets.** Parameters are grouped once by (device, dtype, variant flags). Each bucket is one
+   kernel launch per step, whatever the number of tensors and param groups in it.
+2. **Cached tables.** A bucket keeps a device-resident tensor table (pointers, numel, group,
+   alignment), a work list of chunks and a per-group hyperparameter table. Per step the host
+   only compares pointer lists and re-uploads what changed: the grad column after
+   ``zero_grad(set_to_none=True)`` gave new grads, the hyperparameter rows after a scheduler
+   changed lr. A full rebuild happens when the set of params with grads changes, a param's
+   storage moves, or after ``add_param_group`` / ``load_state_dict``.
+3. **Backends.** ``triton`` launches :func:`fusedopt.kernels.launch`; ``reference`` loops over the
+   tensors with the readable functions of :mod:`fusedopt.reference`. Both share everything above,
+   state creation included, so they differ only in who does the arithmetic.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fusedopt.backend import check_backend_name, resolve_backend
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_ALIGN_BYTES = 16
+
+
+def _real(t: Tensor) -> Tensor:
+    """Complex tensors are updated as their real view, element-wise, as torch.optim does."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _is_dense(t: Tensor) -> bool:
+    """True if ``t`` covers one gap-free, non-overlapping run of memory (any dim order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _check_param(p: Tensor, owner: str) -> None:
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{owner} can only optimize Tensors, got {type(p).__name__}")
+    real_dtype = p.real.dtype if p.is_complex() else p.dtype
+    if real_dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{owner} supports parameters of dtype float16, bfloat16, float32, "
+                         f"float64 and their complex forms, got {p.dtype}")
+    if p.layout != torch.strided or not _is_dense(p):
+        raise ValueError(f"{owner} needs dense, non-overlapping parameter storage; got a "
+                         f"{p.layout} tensor of shape {tuple(p.shape)} and strides {p.stride()}")
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base of every fusedopt optimizer. A subclass is a spec:
+
+    * ``kernel_update``: name of its ``@triton.jit`` update in :mod:`fusedopt.kernels.updates`;
+    * ``reference_update``: its readable per-tensor function in :mod:`fusedopt.reference`;
+    * ``uses_step``: whether it keeps a per-parameter ``state["step"]``;
+    * ``_hyperparams(group)``: the numbers the update reads, in the kernel's order;
+    * ``_flags(group)``: at most three booleans, the kernel's constexpr variants;
+    * ``_state_names(flags)``: its state tensors, in the kernel's order.
+    """
+
+    kernel_update: str
+    reference_update: Callable[..., None]
+    uses_step: bool = False
+
+    def _hyperparams(self, group: dict) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _flags(self, group: dict) -> dict[str, bool]:
+        raise NotImplementedError
+
+    def _state_names(self, flags: dict[str, bool]) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def _check_engine_options(cls, *, foreach=None, fused=None, capturable=False,
+                              differentiable=False) -> None:
+        """Refuse torch options that choose another implementation or that we lack, loudly."""
+        name = f"fusedopt.{cls.__name__}"
+        if differentiable:
+            raise NotImplementedError(f"{name} does not support differentiable=True")
+        if capturable:
+            raise NotImplementedError(f"{name} does not support capturable=True yet")
+        if foreach:
+            raise ValueError(f"{name} always runs one fused multi-tensor kernel; foreach=True "
+                             "selects torch's foreach implementation, use torch.optim for it")
+        if fused is False:
+            raise ValueError(f"{name} is always fused; fused=False selects torch's unfused "
+                             "implementation, use torch.optim for it")
+
+    def _init_engine(self, backend: str | None) -> None:
+        check_backend_name(backend)
+        self._backend_request = backend
+        self._buckets: list[_Bucket] | None = None
+        self._layout: Any = None
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        try:
+            for p in self.param_groups[-1]["params"]:
+                _check_param(p, f"fusedopt.{type(self).__name__}")
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+        self._layout = None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's loader, after checking the state really is this optimizer's.
+
+        A state_dict from another optimizer, or with state tensors of the wrong shape, raises
+        ValueError before anything is changed.
+        """
+        self._check_loaded_state(state_dict)
+        super().load_state_dict(state_dict)
+        self._layout = None
+
+    def _check_loaded_state(self, state_dict: dict) -> None:
+        owner = f"fusedopt.{type(self).__name__}"
+        saved_groups = state_dict.get("param_groups")
+        saved_state = state_dict.get("state")
+        if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
+            raise ValueError(f"{owner}.load_state_dict expects a dict with 'state' and "
+                             "'param_groups', as returned by state_dict()")
+        if len(saved_groups) != len(self.param_groups) or any(
+                len(s["params"]) != len(g["params"])
+                for s, g in zip(saved_groups, self.param_groups)):
+            return  # torch.optim's own loader raises its usual error for these
+        for saved, group in zip(saved_groups, self.param_groups):
+            try:
+                self._hyperparams(saved)
+                names = self._state_names(self._flags(saved))
+            except KeyError as e:
+                raise ValueError(f"loaded state dict has a parameter group without {e}: it was "
+                                 f"not saved by {owner} or its torch.optim twin") from None
+            required = (("step",) if self.uses_step else ()) + names
+            for param_id, p in zip(saved["params"], group["params"]):
+                state = saved_state.get(param_id)
+                if not state:
+                    continue
+                missing = [k for k in required if k not in state]
+                if missing:
+                    raise ValueError(f"loaded state dict has no {missing} for a parameter: it "
+                                     f"was not saved by {owner} or its torch.optim twin")
+                for k in names:
+                    value = state[k]
+                    if value is not None and (not isinstance(value, Tensor)
+                                              or value.shape != p.shape):
+                        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value)
+                        raise ValueError(f"loaded state {k!r} has shape {shape}, but its "
+                                         f"parameter has shape {tuple(p.shape)}")
+
+    # ---- the step -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step: one kernel launch per (device, dtype, variant)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self.param_groups
+        flags = [self._flags(g) for g in groups]
+        layout = tuple((len(g["params"]), tuple(f.values())) for g, f in zip(groups, flags))
+        if layout != self._layout:
+            self._buckets = self._make_buckets(flags)
+            self._layout = layout
+        hyper = [self._hyperparams(g) for g in groups]
+        for bucket in self._buckets:
+            bucket.step(hyper)
+        return loss
+
+    def _make_buckets(self, flags: list[dict[str, bool]]) -> list[_Bucket]:
+        members: dict[tuple, list[tuple[Tensor, int]]] = {}
+        for index, (group, group_flags) in enumerate(zip(self.param_groups, flags)):
+            for p in group["params"]:
+                dtype = p.real.dtype if p.is_complex() else p.dtype
+                key = (p.device, dtype, tuple(group_flags.values()))
+                members.setdefault(key, []).append((p, index))
+        return [_Bucket(self, device, dtype, flags[entries[0][1]], entries)
+                for (device, dtype, _), entries in members.items()]
+
+
+class _Bucket:
+    """All params of one (device, dtype, variant flags): one launch per step."""
+
+    def __init__(self, opt: FusedOptimizer, device: torch.device, dtype: torch.dtype,
+                 flags: dict[str, bool], entries: list[tuple[Tensor, int]]):
+        self.opt = opt
+        self.device = device
+        self.dtype = dtype
+        self.flags = flags
+        self.params = [p for p, _ in entries]
+        self.group_of = [g for _, g in entries]
+        self.state_names = opt._state_names(flags)
+        self.backend = resolve_backend(opt._backend_request, device)
+        self.present: list[bool] | None = None  # which params had grads when last prepared
+        self.param_ptrs: list[int] = []
+
+    def step(self, hyper: list[dict[str, float]]) -> None:
+        grads = [p.grad for p in self.params]
+        present = [g is not None for g in grads]
+        param_ptrs = [p.data_ptr() for p in self.params]
+        if present != self.present or param_ptrs != self.param_ptrs:
+            self._prepare(grads, present, param_ptrs)
+        if not self.live:
+            return
+        if len(self.live) != len(grads):
+            grads = [grads[i] for i in self.live]
+        if self.backend == "triton":
+            self._run_triton(grads, hyper)
+        else:
+            self._run_reference(grads, hyper)
+
+    # ---- shared preparation: state creation and checks -----------------------------------------
+
+    def _prepare(self, grads: list[Tensor | None], present: list[bool],
+                 param_ptrs: list[int]) -> None:
+        """(Re)build everything that depends on which params have grads this step."""
+        self.live = [i for i, has_grad in enumerate(present) if has_grad]
+        self._check_grads([grads[i] for i in self.live])
+        self.states: list[list[Tensor]] = []
+        self.steps: list[Tensor | None] = []
+        self.fresh: list[bool] = []
+        for i in self.live:
+            states, step, fresh = self._state_of(self.params[i])
+            self.states.append(states)
+            self.steps.append(step)
+            self.fresh.append(fresh)
+        self.present = present
+        self.param_ptrs = param_ptrs
+        if self.backend == "triton":
+            self._build_tables()
+
+    def _state_of(self, p: Tensor) -> tuple[list[Tensor], Tensor | None, bool]:
+        """The state tensors of ``p`` in kernel order, created (zeros) where missing."""
+        state = self.opt.state[p]
+        fresh = False
+        tensors = []
+        for name in self.state_names:
+            value = state.get(name)
+            if value is None:
+                value = torch.zeros_like(p, memory_format=torch.preserve_format)
+                fresh = True
+            elif value.dtype != p.dtype or value.device != p.device:
+                raise ValueError(f"state {name!r} is {value.dtype} on {value.device}, but its "
+                                 f"parameter is {p.dtype} on {p.device}; fusedopt keeps state "
+                                 "in the parameter's dtype and device")
+            elif value.stride() != p.stride():
+                # e.g. a contiguous state loaded for a channels_last param: same values,
+                # the param's layout, so that one flat index addresses both.
+                value = torch.empty_like(p).copy_(value)
+            state[name] = value
+            tensors.append(value)
+        step = None
+        if self.opt.uses_step:
+            step = state.get("step")
+            if (not isinstance(step, Tensor) or step.dtype != torch.float32
+                    or step.device != p.device or step.dim() != 0):
+                # torch keeps step on the CPU unless fused; here the kernel reads and writes it.
+                step = torch.tensor(float(step if step is not None else 0.0),
+                                    dtype=torch.float32, device=p.device)
+                if "step" not in state:  # torch's key order: step first
+                    others = dict(state)
+                    state.clear()
+                    state.update(step=step, **others)
+                state["step"] = step
+        return tensors, step, fresh
+
+    def _check_grads(self, grads: list[Tensor]) -> None:
+        owner = f"fusedopt.{type(self.opt).__name__}"
+        for g in grads:
+            if g.is_sparse or g.layout != torch.strided:
+                raise RuntimeError(f"{owner} does not support sparse gradients")
+
+    # ---- reference backend --------------------------------------------------------------------
+
+    def _run_reference(self, grads: list[Tensor], hyper: list[dict[str, float]]) -> None:
+        self._check_grads(grads)
+        update = self.opt.reference_update
+        for k, (i, grad) in enumerate(zip(self.live, grads)):
+            step = self.steps[k]
+            if step is not None:
+                step.add_(1)
+            update(_real(self.params[i]), _real(grad), *(_real(s) for s in self.states[k]),
+                   step=None if step is None else step.item(), fresh=self.fresh[k],
+                   **hyper[self.group_of[i]], **self.flags)
+        self.fresh = [False] * len(self.fresh)
+
+    # ---- triton backend -----------------------------------------------------------------------
+
+    def _build_tables(self) -> None:
+        from fusedopt import kernels
+
+        self.kernels = kernels
+        n = len(self.live)
+        columns: dict[str, list[int]] = {name: [0] * n for name in kernels.COLUMNS}
+        for k, i in enumerate(self.live):
+            p = self.params[i]
+            columns["PARAM"][k] = p.data_ptr()
+            for j, s in enumerate(self.states[k]):
+                columns[f"STATE{j}"][k] = s.data_ptr()
+            if self.steps[k] is not None:
+                columns["STEP"][k] = self.steps[k].data_ptr()
+            columns["NUMEL"][k] = _real(p).numel()
+            columns["GROUP"][k] = self.group_of[i]
+            columns["FRESH"][k] = int(self.fresh[k])
+        numels = columns["NUMEL"]
+        table = torch.tensor([columns[name] for name in kernels.COLUMNS], dtype=torch.int64)
+        # Params and states never move between rebuilds; the grad's part is added per step.
+        self.static_aligned = [
+            all(ptr % _ALIGN_BYTES == 0 for ptr in ptrs)
+            for ptrs in zip(columns["PARAM"], *(columns[f"STATE{j}"]
+                                                for j in range(len(self.state_names))))]
+        self.table = table.to(self.device)
+        self.num_tensors = n
+        self.cols = {name: i for i, name in enumerate(kernels.COLUMNS)}
+        # The work list: one (tensor, first element) per chunk; an empty tensor still gets one
+        # chunk, so that its step advances as torch's does.
+        numel = torch.tensor(numels, dtype=torch.int64)
+        chunks = torch.clamp((numel + kernels.CHUNK - 1) // kernels.CHUNK, min=1)
+        tensor_of = torch.repeat_interleave(torch.arange(n), chunks)
+        first_chunk = torch.cumsum(chunks, 0) - chunks
+        starts = (torch.arange(len(tensor_of)) - first_chunk[tensor_of]) * kernels.CHUNK
+        self.work = torch.stack([tensor_of, starts], dim=1).contiguous().to(self.device)
+        self.num_work = len(tensor_of)
+        self.done_counts = torch.zeros(n, dtype=torch.int32, device=self.device)
+        self.grad_ptrs: list[int] | None = None
+        self.grad_copies: dict[int, Tensor] = {}  # grads whose strides differ from the param's
+        self.hyper_rows: list[tuple[float, ...]] | None = None
+        self.update = getattr(importlib.import_module("fusedopt.kernels.updates"),
+                              self.opt.kernel_update)
+
+    def _upload_column(self, name: str, values: list[int]) -> None:
+        row = self.cols[name]
+        # A pageable host->device copy with non_blocking does not wait for the device.
+        self.table[row].copy_(torch.tensor(values, dtype=torch.int64), non_blocking=True)
+
+    def _run_triton(self, grads: list[Tensor], hyper: list[dict[str, float]]) -> None:
+        try:
+            grad_ptrs = [g.data_ptr() for g in grads]
+        except RuntimeError:
+            self._check_grads(grads)  # a sparse grad has no data pointer: say so clearly
+            raise
+        if grad_ptrs != self.grad_ptrs:
+            self._patch_grads(grads, grad_ptrs)
+        for k, copy in self.grad_copies.items():
+            copy.copy_(grads[k])
+        rows = [tuple(h.values()) for h in hyper]
+        if rows != self.hyper_rows:
+            self.hyper = torch.tensor(rows, dtype=torch.float64).to(self.device,
+                                                                     non_blocking=True)
+            self.hyper_rows = rows
+        self.kernels.launch(
+            self.update, tuple(self.flags.values()), num_states=len(self.state_names),
+            uses_step=self.opt.uses_step, dtype=self.dtype, tensors=self.table,
+            num_tensors=self.num_tensors, work=self.work, num_work=self.num_work,
+            hyper=self.hyper, done_counts=self.done_counts)
+        if any(self.fresh):
+            self.fresh = [False] * len(self.fresh)
+            self._upload_column("FRESH", [0] * self.num_tensors)
+
+    def _patch_grads(self, grads: list[Tensor], grad_ptrs: list[int]) -> None:
+        """New grad storage (after zero_grad(set_to_none=True)): re-point the grad column."""
+        self._check_grads(grads)
+        self.grad_copies = {}
+        pointers = []
+        for k, (i, g) in enumerate(zip(self.live, grads)):
+            p = self.params[i]
+            if g.stride() != p.stride():
+                # The kernel indexes param and grad alike; give it the grad in the param's
+                # layout (a copy each step; autograd never produces this, assigned grads may).
+                self.grad_copies[k] = torch.empty_like(p)
+                pointers.append(self.grad_copies[k].data_ptr())
+            else:
+                pointers.append(grad_ptrs[k])
+        self._upload_column("GRAD", pointers)
+        self._upload_column("ALIGNED", [
+            int(ok and ptr % _ALIGN_BYTES == 0) for ok, ptr in zip(self.static_aligned, pointers)])
+        self.grad_ptrs = grad_ptrs

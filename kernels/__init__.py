@@ -1,0 +1,14 @@
+"""Triton code only: the multi-tensor skeleton and one element-wise update per algorithm.
+
+Importing this package imports triton; ``fusedopt`` itself only does so when the triton backend
+is chosen, so ``import fusedopt`` works where triton is not installed.
+"""
+
+from fusedopt.kernels.skeleton import (
+    CHUNK,
+    COLUMNS,
+    launch,
+    launch_count,
+)
+
+__all__ = ["CHUNK", "COLUMNS", "launch", "launch_count"]

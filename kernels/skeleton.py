@@ -1,0 +1,161 @@
+"""The one generic multi-tensor kernel every fusedopt optimizer launches.
+
+One launch updates every tensor of one (device, dtype, variant) bucket, across all param groups.
+It walks two device-resident tables that the engine builds once and patches on change:
+
+* the **tensor table**, ``int64[len(COLUMNS), num_tensors]`` stored column-major, so that one
+  column (all grad pointers, say) is a contiguous row the host can re-upload in one copy;
+* the **work list**, ``int64[num_work, 2]``: (tensor index, first element) of each chunk of
+  ``CHUNK = BLOCK * ITERS`` elements. One program handles one chunk, so a 2-element bias and a
+  40M-element embedding share a launch without either waiting on the other.
+
+Per-group hyperparameters come from a ``float64[num_groups, hyper_stride]`` table: changing a
+group's lr never means another launch or a recompile. Sizes and counts are runtime values
+(int64 offsets, no specialisation on them), so no shape triggers a recompile.
+
+The algorithm itself is one ``@triton.jit`` element-wise function passed in as ``UPDATE``:
+``UPDATE(param, grad, s0, s1, s2, step, fresh, hyper, F0, F1, F2) -> (param, s0, s1, s2)``,
+all values in the opmath dtype (fp64 for fp64 storage, fp32 otherwise); ``F0..F2`` are its
+constexpr variant flags (maximize, amsgrad, nesterov, ...).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# Rows of the column-major tensor table. STATE0..2 are the optimizer's state tensors in the
+# order its spec names them; STEP points at the per-tensor float32 ``state["step"]``.
+COLUMNS = ("PARAM", "GRAD", "STATE0", "STATE1", "STATE2", "STEP", "NUMEL", "GROUP", "FRESH",
+           "ALIGNED")
+COL_PARAM: tl.constexpr = tl.constexpr(0)
+COL_GRAD: tl.constexpr = tl.constexpr(1)
+COL_STATE0: tl.constexpr = tl.constexpr(2)
+COL_STATE1: tl.constexpr = tl.constexpr(3)
+COL_STATE2: tl.constexpr = tl.constexpr(4)
+COL_STEP: tl.constexpr = tl.constexpr(5)
+COL_NUMEL: tl.constexpr = tl.constexpr(6)
+COL_GROUP: tl.constexpr = tl.constexpr(7)
+COL_FRESH: tl.constexpr = tl.constexpr(8)
+COL_ALIGNED: tl.constexpr = tl.constexpr(9)
+MAX_STATES = 3
+
+# Measured on the H100 prototype: BLOCK 1024-2048, 4-8 iterations, 4-8 warps all reach
+# 94-99% of copy bandwidth once loads are hinted as 16-byte aligned.
+BLOCK = 1024
+ITERS = 4
+CHUNK = BLOCK * ITERS
+NUM_WARPS = 4
+
+_TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+_launches = 0
+
+
+def launch_count() -> int:
+    """How many multi-tensor kernels this process has launched (tests count launches per step)."""
+    return _launches
+
+
+@triton.jit
+def _update_block(param, grad, s0, s1, s2, offs, mask, step, fresh, hyper,
+                  UPDATE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
+                  NUM_STATES: tl.constexpr, COMPUTE: tl.constexpr):
+    """Load one block, apply UPDATE in the opmath dtype, store in the storage dtype."""
+    p = tl.load(param + offs, mask=mask).to(COMPUTE)
+    g = tl.load(grad + offs, mask=mask).to(COMPUTE)
+    a = p  # placeholders for absent states: never loaded, never stored
+    b = p
+    c = p
+    if NUM_STATES > 0:
+        a = tl.load(s0 + offs, mask=mask).to(COMPUTE)
+    if NUM_STATES > 1:
+        b = tl.load(s1 + offs, mask=mask).to(COMPUTE)
+    if NUM_STATES > 2:
+        c = tl.load(s2 + offs, mask=mask).to(COMPUTE)
+    p, a, b, c = UPDATE(p, g, a, b, c, step, fresh, hyper, F0, F1, F2)
+    tl.store(param + offs, p.to(param.dtype.element_ty), mask=mask)
+    if NUM_STATES > 0:
+        tl.store(s0 + offs, a.to(s0.dtype.element_ty), mask=mask)
+    if NUM_STATES > 1:
+        tl.store(s1 + offs, b.to(s1.dtype.element_ty), mask=mask)
+    if NUM_STATES > 2:
+        tl.store(s2 + offs, c.to(s2.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["num_tensors", "hyper_stride"])
+def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_counts,
+                      UPDATE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
+                      NUM_STATES: tl.constexpr, USES_STEP: tl.constexpr,
+                      STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
+                      BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Update one chunk of one tensor; the grid is the whole work list of the bucket."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(work + 2 * pid)
+    start = tl.load(work + 2 * pid + 1)
+    row = tensors + t  # column c of tensor t lives at row + c * num_tensors
+    numel = tl.load(row + COL_NUMEL * num_tensors)
+    param = tl.load(row + COL_PARAM * num_tensors).to(tl.pointer_type(STORAGE))
+    grad = tl.load(row + COL_GRAD * num_tensors).to(tl.pointer_type(STORAGE))
+    s0 = tl.load(row + COL_STATE0 * num_tensors).to(tl.pointer_type(STORAGE))
+    s1 = tl.load(row + COL_STATE1 * num_tensors).to(tl.pointer_type(STORAGE))
+    s2 = tl.load(row + COL_STATE2 * num_tensors).to(tl.pointer_type(STORAGE))
+    fresh = tl.load(row + COL_FRESH * num_tensors)
+    hyper_row = hyper + tl.load(row + COL_GROUP * num_tensors) * hyper_stride
+    step_ptr = tl.load(row + COL_STEP * num_tensors).to(tl.pointer_type(tl.float32))
+    if USES_STEP:
+        # Every program of this tensor reads the old count; only the last one writes it back.
+        step = tl.load(step_ptr) + 1.0
+    else:
+        step = 0.0
+
+    lanes = tl.arange(0, BLOCK)
+    full = start + BLOCK * ITERS <= numel
+    if full & (tl.load(row + COL_ALIGNED * num_tensors) != 0):
+        # Triton cannot see the alignment of a pointer read from a table: state it, so that
+        # loads and stores are 16-byte vectors. The host only sets ALIGNED when it is true.
+        param = tl.multiple_of(param, 16)
+        grad = tl.multiple_of(grad, 16)
+        s0 = tl.multiple_of(s0, 16)
+        s1 = tl.multiple_of(s1, 16)
+        s2 = tl.multiple_of(s2, 16)
+        for i in tl.static_range(ITERS):
+            base = tl.multiple_of(start + i * BLOCK, BLOCK)
+            offs = tl.max_contiguous(tl.multiple_of(base + lanes, BLOCK), BLOCK)
+            _update_block(param, grad, s0, s1, s2, offs, None, step, fresh, hyper_row,
+                          UPDATE, F0, F1, F2, NUM_STATES, COMPUTE)
+    else:
+        # A tensor's tail, or storage that is not 16-byte aligned (an odd view): masked,
+        # unhinted loads that are correct for any address.
+        for i in tl.static_range(ITERS):
+            offs = start + i * BLOCK + lanes
+            _update_block(param, grad, s0, s1, s2, offs, offs < numel, step, fresh, hyper_row,
+                          UPDATE, F0, F1, F2, NUM_STATES, COMPUTE)
+
+    if USES_STEP:
+        # The last program to finish a tensor stores its new step: acq_rel atomics order
+        # every other program's read of the old value before this write. No second launch.
+        chunks = tl.maximum((numel + BLOCK * ITERS - 1) // (BLOCK * ITERS), 1)
+        if tl.atomic_add(done_counts + t, 1) == chunks - 1:
+            tl.store(step_ptr, step)
+            tl.store(done_counts + t, 0)
+
+
+def launch(update, flags, *, num_states: int, uses_step: bool, dtype: torch.dtype,
+           tensors: torch.Tensor, num_tensors: int, work: torch.Tensor, num_work: int,
+           hyper: torch.Tensor, done_counts: torch.Tensor) -> None:
+    """Launch one multi-tensor step over a bucket's tables (see the module docstring)."""
+    global _launches
+    f0, f1, f2 = (tuple(bool(f) for f in flags) + (False, False, False))[:3]
+    multi_tensor_step[(num_work,)](
+        tensors, num_tensors, work, hyper, hyper.shape[1], done_counts,
+        UPDATE=update, F0=f0, F1=f1, F2=f2,
+        NUM_STATES=num_states, USES_STEP=uses_step,
+        STORAGE=_TL_DTYPES[dtype], COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+        BLOCK=BLOCK, ITERS=ITERS, num_warps=NUM_WARPS,
+    )
+    _launches += 1

@@ -1,0 +1,110 @@
+"""Minimum bytes each optimizer step must move per parameter.
+
+An element-wise optimizer step is memory bound, so its floor is the traffic it
+cannot avoid: read the param and its grad, read and write every param-sized
+state buffer, and write the param back. For AdamW in fp32 that is
+read p, g, m, v + write p, m, v = 7 x 4 = 28 B. Dividing that by the measured
+step time gives an effective GB/s that is comparable with the copy bandwidth.
+
+The model counts only param-sized tensors; scalars (step counts, lr) are
+negligible. It is a floor: an implementation that needs two passes (LAMB's
+trust ratio) or extra temporaries moves more and shows up below the ceiling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+#: Bytes per element of each dtype configuration name.
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
+_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16",
+            "half": "fp16", "float64": "fp64", "double": "fp64"}  # fmt: skip
+
+
+def canonical_dtype(name: str) -> str:
+    """Map ``float32``/``bfloat16``/... to the short names used everywhere (fp32, bf16, ...)."""
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in DTYPE_BYTES:
+        from .workloads import UnknownNameError
+
+        raise UnknownNameError("dtype", name, list(DTYPE_BYTES))
+    return key
+
+
+def state_buffers(optimizer: str, hparams: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """Names of the param-sized state tensors an optimizer reads and writes each step.
+
+    Names follow torch.optim's ``state`` keys. Hyperparameters that add buffers
+    (``amsgrad``, SGD/RMSprop ``momentum``, RMSprop ``centered``) are honoured.
+    """
+    hp = dict(hparams or {})
+    if optimizer in ("Adam", "AdamW"):
+        extra = ("max_exp_avg_sq",) if hp.get("amsgrad") else ()
+        return ("exp_avg", "exp_avg_sq", *extra)
+    if optimizer == "SGD":
+        return ("momentum_buffer",) if hp.get("momentum", 0) else ()
+    if optimizer == "Adagrad":
+        return ("sum",)
+    if optimizer == "Adadelta":
+        return ("square_avg", "acc_delta")
+    if optimizer == "RMSprop":
+        bufs = ["square_avg"]
+        if hp.get("momentum", 0):
+            bufs.append("momentum_buffer")
+        if hp.get("centered"):
+            bufs.append("grad_avg")
+        return tuple(bufs)
+    if optimizer in ("NAdam", "RAdam"):
+        return ("exp_avg", "exp_avg_sq")
+    if optimizer == "Adamax":
+        return ("exp_avg", "exp_inf")
+    if optimizer == "Lion":
+        return ("exp_avg",)
+    if optimizer == "LAMB":
+        # Floor only: the trust ratio needs norms of p and of the update, which a
+        # real implementation gets with a second pass over memory.
+        return ("exp_avg", "exp_avg_sq")
+    from .workloads import UnknownNameError
+
+    raise UnknownNameError("optimizer", optimizer, list(KNOWN))
+
+
+#: Optimizers the bytes model knows (the fusedopt family).
+KNOWN = ("Adam", "AdamW", "SGD", "Adagrad", "Adadelta", "RMSprop", "NAdam", "RAdam",
+         "Adamax", "Lion", "LAMB")  # fmt: skip
+
+
+def bytes_per_param(
+    optimizer: str,
+    dtype: str = "fp32",
+    hparams: Mapping[str, Any] | None = None,
+    *,
+    grad_dtype: str | None = None,
+    state_dtype: str | None = None,
+) -> int:
+    """Minimum bytes moved per parameter element by one step.
+
+    ``dtype`` is the param dtype; grads and states default to the same dtype
+    (as torch.optim creates them). Pass ``grad_dtype``/``state_dtype`` for mixed
+    configurations, e.g. bf16 params with fp32 states.
+
+    >>> bytes_per_param("AdamW", "fp32")
+    28
+    >>> bytes_per_param("AdamW", "bf16")
+    14
+    >>> bytes_per_param("SGD", "fp32", {"momentum": 0.9})
+    20
+    """
+    p = DTYPE_BYTES[canonical_dtype(dtype)]
+    g = DTYPE_BYTES[canonical_dtype(grad_dtype or dtype)]
+    s = DTYPE_BYTES[canonical_dtype(state_dtype or dtype)]
+    n_states = len(state_buffers(optimizer, hparams))
+    return 2 * p + g + 2 * s * n_states  # p read+write, g read, each state read+write
+
+
+def describe(optimizer: str, hparams: Mapping[str, Any] | None = None) -> str:
+    """Human-readable traffic, e.g. ``read p,g,exp_avg,exp_avg_sq; write p,exp_avg,exp_avg_sq``."""
+    st = state_buffers(optimizer, hparams)
+    return f"read {','.join(('p', 'g', *st))}; write {','.join(('p', *st))}"
