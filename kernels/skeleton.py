@@ -25,8 +25,7 @@ import triton.language as tl
 
 # Rows of the column-major tensor table. STATE0..2 are the optimizer's state tensors in the
 # order its spec names them; STEP points at the per-tensor float32 ``state["step"]``.
-COLUMNS = ("PARAM", "GRAD", "STATE0", "STATE1", "STATE2", "STEP", "NUMEL", "GROUP", "FRESH",
-           "ALIGNED")
+COLUMNS = ("PARAM", "GRAD", "STATE0", "STATE1", "STATE2", "STEP", "NUMEL", "GROUP", "FRESH")
 COL_PARAM: tl.constexpr = tl.constexpr(0)
 COL_GRAD: tl.constexpr = tl.constexpr(1)
 COL_STATE0: tl.constexpr = tl.constexpr(2)
@@ -36,7 +35,6 @@ COL_STEP: tl.constexpr = tl.constexpr(5)
 COL_NUMEL: tl.constexpr = tl.constexpr(6)
 COL_GROUP: tl.constexpr = tl.constexpr(7)
 COL_FRESH: tl.constexpr = tl.constexpr(8)
-COL_ALIGNED: tl.constexpr = tl.constexpr(9)
 MAX_STATES = 3
 
 # Measured on the H100 prototype: BLOCK 1024-2048, 4-8 iterations, 4-8 warps all reach
@@ -99,11 +97,17 @@ def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_coun
     start = tl.load(work + 2 * pid + 1)
     row = tensors + t  # column c of tensor t lives at row + c * num_tensors
     numel = tl.load(row + COL_NUMEL * num_tensors)
-    param = tl.load(row + COL_PARAM * num_tensors).to(tl.pointer_type(STORAGE))
-    grad = tl.load(row + COL_GRAD * num_tensors).to(tl.pointer_type(STORAGE))
-    s0 = tl.load(row + COL_STATE0 * num_tensors).to(tl.pointer_type(STORAGE))
-    s1 = tl.load(row + COL_STATE1 * num_tensors).to(tl.pointer_type(STORAGE))
-    s2 = tl.load(row + COL_STATE2 * num_tensors).to(tl.pointer_type(STORAGE))
+    param_addr = tl.load(row + COL_PARAM * num_tensors)
+    grad_addr = tl.load(row + COL_GRAD * num_tensors)
+    s0_addr = tl.load(row + COL_STATE0 * num_tensors)  # 0 for states the spec lacks
+    s1_addr = tl.load(row + COL_STATE1 * num_tensors)
+    s2_addr = tl.load(row + COL_STATE2 * num_tensors)
+    aligned = ((param_addr | grad_addr | s0_addr | s1_addr | s2_addr) & 15) == 0
+    param = param_addr.to(tl.pointer_type(STORAGE))
+    grad = grad_addr.to(tl.pointer_type(STORAGE))
+    s0 = s0_addr.to(tl.pointer_type(STORAGE))
+    s1 = s1_addr.to(tl.pointer_type(STORAGE))
+    s2 = s2_addr.to(tl.pointer_type(STORAGE))
     fresh = tl.load(row + COL_FRESH * num_tensors)
     hyper_row = hyper + tl.load(row + COL_GROUP * num_tensors) * hyper_stride
     step_ptr = tl.load(row + COL_STEP * num_tensors).to(tl.pointer_type(tl.float32))
@@ -114,10 +118,9 @@ def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_coun
         step = 0.0
 
     lanes = tl.arange(0, BLOCK)
-    full = start + BLOCK * ITERS <= numel
-    if full & (tl.load(row + COL_ALIGNED * num_tensors) != 0):
+    if (start + BLOCK * ITERS <= numel) & aligned:
         # Triton cannot see the alignment of a pointer read from a table: state it, so that
-        # loads and stores are 16-byte vectors. The host only sets ALIGNED when it is true.
+        # loads and stores are 16-byte vectors. It was just checked on the addresses.
         param = tl.multiple_of(param, 16)
         grad = tl.multiple_of(grad, 16)
         s0 = tl.multiple_of(s0, 16)
