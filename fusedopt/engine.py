@@ -20,6 +20,7 @@ from __future__ import annotations
 import array
 import importlib
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -360,11 +361,13 @@ class _Bucket:
             self.hyper = torch.tensor(rows, dtype=torch.float64).to(self.device,
                                                                      non_blocking=True)
             self.hyper_rows = rows
-        self.kernels.launch(
-            self.update, tuple(self.flags.values()), num_states=len(self.state_names),
-            uses_step=self.opt.uses_step, dtype=self.dtype, tensors=self.table,
-            num_tensors=self.num_tensors, work=self.work, num_work=self.num_work,
-            hyper=self.hyper, done_counts=self.done_counts)
+        # Triton launches on the current CUDA device: make it this bucket's.
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
+            self.kernels.launch(
+                self.update, tuple(self.flags.values()), num_states=len(self.state_names),
+                uses_step=self.opt.uses_step, dtype=self.dtype, tensors=self.table,
+                num_tensors=self.num_tensors, work=self.work, num_work=self.num_work,
+                hyper=self.hyper, done_counts=self.done_counts)
         if any(self.fresh):
             self.fresh = [False] * len(self.fresh)
             self._upload_column("FRESH", [0] * self.num_tensors)
