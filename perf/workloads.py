@@ -141,7 +141,8 @@ def small_tensors(count: int = 2000, lo: float = 1e3, hi: float = 2.6e5, seed: i
 
 def flat(exponent: int) -> Workload:
     """One flat tensor of 2**exponent elements (one point of the sweep)."""
-    return Workload(f"flat-2^{exponent}", "flat", ((1 << exponent),), f"one tensor of 2^{exponent}")
+    n = 1 << exponent
+    return Workload(f"flat-2^{exponent}", "flat", ((n,),), f"one tensor of 2^{exponent}")
 
 
 def flat_sweep(first: int = 12, last: int = 28, step: int = 2) -> list[Workload]:
