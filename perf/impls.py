@@ -143,7 +143,7 @@ class FusedOpt(Impl):
         self.backend = backend
         self.name = "fusedopt" if backend is None else f"fusedopt-{backend}"
         self.description = (
-            "fusedopt, default backend (triton on CUDA, reference on CPU)"
+            "fusedopt, default backend (triton on CUDA or under TRITON_INTERPRET=1, else reference)"
             if backend is None
             else f"fusedopt with backend={backend!r}"
         )
@@ -167,8 +167,10 @@ class FusedOpt(Impl):
         cls = getattr(fusedopt, spec.name)
         kw = {} if self.backend is None else {"backend": self.backend}
         opt = cls(params, **spec.hparams, **kw)  # exact torch.optim signature: no filtering
-        backend = getattr(opt, "backend", None)
-        return Built(opt.step, opt, note=f"backend={backend}" if isinstance(backend, str) else "")
+        note = ""
+        if hasattr(fusedopt, "resolve_backend"):  # record what "auto" picked, per row
+            note = f"backend={fusedopt.resolve_backend(self.backend, torch.device(device))}"
+        return Built(opt.step, opt, note=note)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,179 @@
+"""fusedopt-bench end to end on CPU: a tiny run writes every output, plots redraw from CSV,
+the e2e mode runs, and bad names fail with the valid ones listed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusedopt.perf import report
+from fusedopt.perf.cli import build_parser, main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Tiny and short: two flat sizes (256 and 1024 elements), a few steps each.
+TINY_ARGS = ["--device", "cpu", "--workloads", "flat:8-10", "--optimizers", "AdamW", "SGD",
+             "--impls", "fusedopt", "fusedopt-reference", "torch", "torch-fused",
+             "--warmup", "1", "--repeats", "2", "--target-ms", "1", "--max-steps", "3",
+             "--quiet"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rc = main([*TINY_ARGS, "--quick", "--out", str(out)])
+    return rc, out
+
+
+def test_quick_run_writes_every_output(quick_run, capsys):
+    rc, out = quick_run
+    assert rc == 0
+    names = {p.name for p in out.iterdir()}
+    expected = {"results.json", "results.csv", "gbps_AdamW_fp32.png", "gbps_SGD_fp32.png",
+                "speedup_flat.png", "first_step.png"}  # fmt: skip
+    assert expected <= names
+    for name in expected - {"results.json", "results.csv"}:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_quick_run_json_rows(quick_run):
+    _, out = quick_run
+    doc = json.loads((out / "results.json").read_text())
+    meta, rows = doc["meta"], doc["rows"]
+    assert meta["device"] == "cpu" and meta["ceiling_gbps"] > 0
+    assert meta["torch_version"] and "triton_version" in meta
+    # one row per (workload, optimizer, dtype, impl): 2 x 2 x 1 x 4
+    keys = {(r["workload"], r["optimizer"], r["dtype"], r["impl"]) for r in rows}
+    assert len(rows) == len(keys) == 16
+    assert {r["workload"] for r in rows} == {"flat-2^8", "flat-2^10"}
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    for r in rows:
+        assert r["gbps"] > 0 and r["ms_per_step"] > 0 and r["first_step_ms"] > 0
+        assert r["params_finite"] is True and r["params_changed"] is True
+        assert r["baseline_impl"] == "torch" and r["speedup"] > 0
+        assert r["bytes_per_param"] == {"AdamW": 28, "SGD": 20}[r["optimizer"]]
+        assert r["pct_of_ceiling"] == pytest.approx(100 * r["gbps"] / meta["ceiling_gbps"])
+    fused = {r["note"] for r in rows if r["impl"] == "fusedopt-reference"}
+    assert fused == {"backend=reference"}
+
+
+def test_quick_run_csv_matches_json(quick_run):
+    _, out = quick_run
+    rows = report.read_csv(out / "results.csv")
+    doc = json.loads((out / "results.json").read_text())
+    assert len(rows) == len(doc["rows"])
+    for a, b in zip(rows, doc["rows"]):
+        assert (a["workload"], a["impl"], a["optimizer"]) == (b["workload"], b["impl"],
+                                                              b["optimizer"])  # fmt: skip
+        assert a["gbps"] == pytest.approx(b["gbps"])
+        assert a["device"] == "cpu" and a["torch_version"] == b["torch_version"]
+
+
+def test_plot_from_csv_without_measuring(quick_run, tmp_path, capsys):
+    _, out = quick_run
+    assert main(["plot", str(out / "results.csv"), "--out", str(tmp_path)]) == 0
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == sorted(["first_step.png", "gbps_AdamW_fp32.png", "gbps_SGD_fp32.png",
+                              "speedup_flat.png"])  # fmt: skip
+    assert all((tmp_path / n).read_bytes()[:8] == PNG_MAGIC for n in written)
+    assert str(tmp_path / "speedup_flat.png") in capsys.readouterr().out
+
+
+def test_table_printed(tmp_path, capsys):
+    rc = main(["--device", "cpu", "--workloads", "flat:8", "--optimizers", "SGD:momentum=0",
+               "--impls", "torch", "torch-foreach", "--warmup", "0", "--repeats", "1",
+               "--target-ms", "1", "--max-steps", "2", "--quiet", "--no-plots",
+               "--out", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "copy ceiling:" in text and "SGD[momentum=0]" in text and "torch-foreach" in text
+    assert not list(tmp_path.glob("*.png"))
+    row = json.loads((tmp_path / "results.json").read_text())["rows"][0]
+    assert row["bytes_per_param"] == 12
+
+
+def test_e2e_mode(tmp_path, capsys):
+    rc = main(["--device", "cpu", "--e2e", "--e2e-steps", "2", "--e2e-warmup", "0",
+               "--e2e-batch", "1", "--optimizers", "AdamW", "--impls", "fusedopt-reference",
+               "torch", "--quiet", "--out", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    doc = json.loads((tmp_path / "e2e.json").read_text())
+    rows = doc["rows"]
+    assert [r["impl"] for r in rows] == ["fusedopt-reference", "torch"]
+    for r in rows:
+        assert r["status"] == "ok", r["error"]
+        assert r["model"] == "tiny" and r["steps"] == 2
+        assert r["step_ms"] == pytest.approx(r["fwd_bwd_ms"] + r["opt_ms"] + r["other_ms"],
+                                             rel=0.5)  # medians of parts vs median of sums
+        assert 0 < r["opt_pct"] < 100 and r["tokens_per_s"] > 0
+        assert r["loss_last"] < r["loss_first"]  # it trains
+    # same init, same data, same math: the two implementations agree
+    assert rows[0]["loss_last"] == pytest.approx(rows[1]["loss_last"], rel=1e-4)
+    assert (tmp_path / "e2e.png").read_bytes()[:8] == PNG_MAGIC
+    header = (tmp_path / "e2e.csv").read_text().splitlines()[0]
+    assert header.startswith("model,num_params,optimizer,dtype,impl,status")
+    assert "tokens/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--workloads", "gpt3"], ["unknown workload 'gpt3'", "gpt2", "llama1b", "small2000",
+                                   "resnet50", "flat"]),
+        (["--optimizers", "AdamX"], ["unknown optimizer 'AdamX'", "AdamW", "Lion", "LAMB"]),
+        (["--impls", "torch-turbo"], ["unknown impl 'torch-turbo'", "torch-fused", "fusedopt"]),
+        (["--dtypes", "fp8"], ["unknown dtype 'fp8'", "bf16"]),
+        (["--flat", "a:b"], ["LO:HI[:STEP]"]),
+        (["--model", "no_such_module_xyz:build"], ["no_such_module_xyz"]),
+    ],
+)  # fmt: skip
+def test_cli_errors_list_valid_names(args, expected, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--device", "cpu", "--out", str(tmp_path / "never")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    for text in expected:
+        assert text in err
+    assert not (tmp_path / "never").exists()  # failed before measuring anything
+
+
+def test_plot_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["plot", str(tmp_path / "missing.csv")])
+    assert exc.value.code == 2 and "no such file" in capsys.readouterr().err
+    (tmp_path / "other.csv").write_text("x,y\n1,2\n")
+    with pytest.raises(SystemExit):
+        main(["plot", str(tmp_path / "other.csv")])
+    assert "not a fusedopt-bench CSV" in capsys.readouterr().err
+
+
+def test_help_documents_every_option():
+    parser = build_parser()
+    for action in parser._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    text = parser.format_help()
+    for opt in ("--device", "--workloads", "--optimizers", "--dtypes", "--impls", "--quick",
+                "--out", "--model", "--compile", "--e2e", "plot RESULTS.csv"):
+        assert opt in text  # fmt: skip
+
+
+def test_list_and_python_m(capsys):
+    assert main(["--list", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "124,439,808" in text and "torch-fused-graph" in text and "28 / 14 B" in text
+    proc = subprocess.run([sys.executable, "-m", "fusedopt.perf", "--help"], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0 and "usage: fusedopt-bench" in proc.stdout
+
+
+def test_console_script_installed():
+    exe = shutil.which("fusedopt-bench")
+    if exe is None:
+        pytest.skip("fusedopt-bench is not on PATH (package not installed with pip)")
+    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--workloads" in proc.stdout
+    assert Path(exe).name == "fusedopt-bench"
