@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
             "importable apex / bitsandbytes / torchao / optimi / flashoptim), as effective\n"
             "GB/s, % of the device's copy bandwidth measured in the same run, and speedup\n"
             "vs torch fused (CUDA) or torch's default implementation (CPU).\n\n"
-            "Writes results.json, results.csv and PNG plots to --out, prints a table.\n"
+            "Writes results.json, results.csv, PNG plots and a README.md summary to --out,\n"
+            "and prints a table.\n"
             "With no arguments on a machine without a GPU: a short CPU comparison."
         ),
         epilog=(
@@ -125,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  fusedopt-bench --optimizers AdamW AdamW:amsgrad=True SGD:momentum=0\n"
             "  fusedopt-bench --model mypkg.models:build_model --workloads flat:20\n"
             "  fusedopt-bench --e2e --e2e-steps 20\n"
-            "  fusedopt-bench --list"
+            "  fusedopt-bench --list\n\n"
+            "exit status: 0 when every configuration ran, 1 when any failed (failures are\n"
+            "rows with status=error in the outputs), 2 for bad arguments."
         ),
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -325,16 +328,23 @@ def main(argv: list[str] | None = None) -> int:
     report.add_derived(rows, meta, impls_mod.BASELINE_ORDER[device])
     report.write_json(args.out / "results.json", meta, rows, skipped)
     report.write_csv(args.out / "results.csv", rows)
-    print(report.format_table(rows, meta))
+    table = report.format_table(rows, meta)
+    print(table)
     if skipped:
         print(f"\nskipped {len(skipped)} (implementation, optimizer) pair(s): "
               + "; ".join(f"{s['impl']}{' ' + s['optimizer'] if 'optimizer' in s else ''}: "
                           f"{s['reason']}" for s in _dedupe(skipped)))  # fmt: skip
+    if not jobs:
+        print("nothing to run: no implementation supports the requested optimizers here",
+              file=sys.stderr)
+        return 1
     written = [args.out / "results.json", args.out / "results.csv"]
     if not args.no_plots:
         written += _plots(rows, args.out)
+    report.write_summary(args.out / "README.md", meta, table, written)
+    written.append(args.out / "README.md")
     print("\nwrote " + ", ".join(str(p) for p in written))
-    return 0 if rows and all(r["status"] == "ok" for r in rows) else 1
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
 def _dedupe(skipped: list[dict]) -> list[dict]:

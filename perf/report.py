@@ -236,6 +236,9 @@ def format_table(rows: list[dict], meta: dict | None = None) -> str:
             out.append(f"speedup is vs {' / '.join(base)}; GB/s counts the minimum bytes per param")
     out += [fmt(head), fmt(["-" * w for w in widths])]
     out += ["" if cells is None else fmt(cells) for cells in lines]
+    if any((r.get("pct_of_ceiling") or 0) > 105 for r in ok):
+        out.append("(% of ceiling above 100: the working set fits in cache, or the traffic is "
+                   "read-heavy; the ceiling is one large copy, read + write)")
     errors = [r for r in rows if r.get("status") != "ok"]
     if errors:
         out.append("")
@@ -243,3 +246,32 @@ def format_table(rows: list[dict], meta: dict | None = None) -> str:
         out += [f"  {r['workload']} {r['optimizer']} {r['dtype']} {r['impl']}: {r.get('error')}"
                 for r in errors]  # fmt: skip
     return "\n".join(out)
+
+
+def write_summary(path: Path, meta: dict, table: str, files: list[Path]) -> None:
+    """A short README for a results folder: device, versions, command, the table, the files.
+
+    Makes ``--out perf/results/<gpu>`` directly committable as evidence.
+    """
+    ceiling = meta.get("ceiling", {})
+    lines = [
+        f"# fusedopt-bench results: {meta.get('device_name')}",
+        "",
+        f"- device: {meta.get('device')} ({meta.get('device_name')})",
+        f"- torch {meta.get('torch_version')}, triton {meta.get('triton_version')}, "
+        f"fusedopt {meta.get('fusedopt_version')}, CUDA {meta.get('cuda_version')}, "
+        f"Python {meta.get('python_version')}",
+        f"- copy-bandwidth ceiling: {meta.get('ceiling_gbps', 0):.1f} GB/s "
+        f"(min {ceiling.get('gbps_min', 0):.1f}, max {ceiling.get('gbps_max', 0):.1f}; "
+        f"{ceiling.get('nbytes', 0) / 2**20:.0f} MiB device-to-device copy, read + write)",
+        f"- measured {meta.get('timestamp')}; command: "
+        f"`fusedopt-bench {' '.join(meta.get('argv', []))}`".rstrip(),
+        "",
+        "```",
+        table,
+        "```",
+        "",
+        "Files: " + ", ".join(f"`{Path(f).name}`" for f in files),
+        "",
+    ]
+    Path(path).write_text("\n".join(lines))

@@ -38,6 +38,11 @@ def test_quick_run_writes_every_output(quick_run, capsys):
     assert expected <= names
     for name in expected - {"results.json", "results.csv"}:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    summary = (out / "README.md").read_text()
+    import torch
+
+    assert f"torch {torch.__version__}" in summary and "copy-bandwidth ceiling" in summary
+    assert "flat-2^10" in summary  # the table is in it
 
 
 def test_quick_run_json_rows(quick_run):
