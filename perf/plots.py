@@ -31,6 +31,13 @@ def _pyplot() -> Any:
     return plt
 
 
+def _func_formatter(fn: Any) -> Any:
+    """matplotlib.ticker.FuncFormatter, imported lazily like the rest of matplotlib."""
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(fn)
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name).strip("_")
 
@@ -137,7 +144,10 @@ def _bar_panels(
         ax.set_xticklabels(wls, rotation=30 if len(wls) > 3 else 0, ha="right" if len(wls) > 3
                            else "center", fontsize=8)  # fmt: skip
         if log:
+            # Bars on a log axis need a fixed floor, or their heights mean nothing.
             ax.set_yscale("log")
+            ax.set_ylim(bottom=min(r[value] for r in group) / 3)
+            ax.yaxis.set_major_formatter(_func_formatter(lambda v, _pos: f"{v:g}"))
         ax.set_title(f"{opt} {dtype}", fontsize=10)
         ax.set_ylabel(ylabel)
         ax.grid(True, axis="y", alpha=0.3)
@@ -147,11 +157,11 @@ def _bar_panels(
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(lab, h)
-    top = 1 - 0.9 / (3.6 * nrows + 0.9)  # room for the title and the legend row
-    fig.legend(seen.values(), seen.keys(), loc="upper center", ncol=min(len(seen), 6),
-               fontsize=8, bbox_to_anchor=(0.5, top + 0.2 * (1 - top)), frameon=False)
-    fig.suptitle(title, fontsize=11, y=0.995)
-    fig.tight_layout(rect=(0, 0, 1, top - 0.1 * (1 - top)))
+    height = 3.6 * nrows + 0.9  # 0.9 in of header: title, then one legend row
+    fig.suptitle(title, fontsize=11, y=1 - 0.08 / height, va="top")
+    fig.legend(seen.values(), seen.keys(), loc="center", ncol=min(len(seen), 6), fontsize=8,
+               bbox_to_anchor=(0.5, 1 - 0.55 / height), frameon=False)  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / height))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
