@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -281,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ImportError, AttributeError) as err:
         parser.error(str(err))
 
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if device == "cpu" and interpreting and any(i.name == "fusedopt" for i in impls):
+        print("warning: TRITON_INTERPRET is set, so the fusedopt impl runs triton's interpreter "
+              "(very slow); use --impls fusedopt-reference ... for the CPU reference path",
+              file=sys.stderr)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     if args.e2e:
         return _run_e2e(args, device, specs, dtypes, impls)
