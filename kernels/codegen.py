@@ -41,7 +41,7 @@ def compile_ptx(update: str, num_states: int, uses_step: bool, flags: tuple[bool
     constexprs = dict(UPDATE=getattr(updates, update), F0=flags[0], F1=flags[1], F2=flags[2],
                       NUM_STATES=num_states, USES_STEP=uses_step, STORAGE=storage,
                       COMPUTE=tl.float64 if storage == tl.float64 else tl.float32,
-                      BLOCK=skeleton.BLOCK, ITERS=skeleton.ITERS)
+                      BLOCK=skeleton.BLOCK, ITERS=skeleton.ITERS, ROUND_BF16_BY_HAND=False)
     signature = dict(_SIGNATURE, **{name: "constexpr" for name in constexprs})
     source = ASTSource(fn=kernel, signature=signature, constexprs={
         (kernel.arg_names.index(name),): value for name, value in constexprs.items()})

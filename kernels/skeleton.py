@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedopt.backend import interpreting as _interpreting
+
 # Rows of the column-major tensor table. STATE0..2 are the optimizer's state tensors in the
 # order its spec names them; STEP points at the per-tensor float32 ``state["step"]``.
 COLUMNS = ("PARAM", "GRAD", "STATE0", "STATE1", "STATE2", "STEP", "NUMEL", "GROUP", "FRESH")
@@ -60,9 +62,24 @@ def launch_count() -> int:
 
 
 @triton.jit
+def _to_storage(x, STORAGE: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr):
+    """Round an opmath value to the storage dtype, to nearest even (as torch does).
+
+    Compiled Triton does this in one cvt.rn instruction. Triton's CPU interpreter truncates
+    fp32 -> bf16 instead, so under the interpreter (only) the rounding is done on the bits.
+    """
+    if ROUND_BF16_BY_HAND and STORAGE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # keep NaNs NaN
+    return x.to(STORAGE)
+
+
+@triton.jit
 def _update_block(param, grad, s0, s1, s2, offs, mask, step, fresh, hyper,
                   UPDATE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
-                  NUM_STATES: tl.constexpr, COMPUTE: tl.constexpr):
+                  NUM_STATES: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
+                  ROUND_BF16_BY_HAND: tl.constexpr):
     """Load one block, apply UPDATE in the opmath dtype, store in the storage dtype."""
     p = tl.load(param + offs, mask=mask).to(COMPUTE)
     g = tl.load(grad + offs, mask=mask).to(COMPUTE)
@@ -76,13 +93,13 @@ def _update_block(param, grad, s0, s1, s2, offs, mask, step, fresh, hyper,
     if NUM_STATES > 2:
         c = tl.load(s2 + offs, mask=mask).to(COMPUTE)
     p, a, b, c = UPDATE(p, g, a, b, c, step, fresh, hyper, F0, F1, F2)
-    tl.store(param + offs, p.to(param.dtype.element_ty), mask=mask)
+    tl.store(param + offs, _to_storage(p, STORAGE, ROUND_BF16_BY_HAND), mask=mask)
     if NUM_STATES > 0:
-        tl.store(s0 + offs, a.to(s0.dtype.element_ty), mask=mask)
+        tl.store(s0 + offs, _to_storage(a, STORAGE, ROUND_BF16_BY_HAND), mask=mask)
     if NUM_STATES > 1:
-        tl.store(s1 + offs, b.to(s1.dtype.element_ty), mask=mask)
+        tl.store(s1 + offs, _to_storage(b, STORAGE, ROUND_BF16_BY_HAND), mask=mask)
     if NUM_STATES > 2:
-        tl.store(s2 + offs, c.to(s2.dtype.element_ty), mask=mask)
+        tl.store(s2 + offs, _to_storage(c, STORAGE, ROUND_BF16_BY_HAND), mask=mask)
 
 
 @triton.jit(do_not_specialize=["num_tensors", "hyper_stride"])
@@ -90,7 +107,8 @@ def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_coun
                       UPDATE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
                       NUM_STATES: tl.constexpr, USES_STEP: tl.constexpr,
                       STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
-                      BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                      BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                      ROUND_BF16_BY_HAND: tl.constexpr):
     """Update one chunk of one tensor; the grid is the whole work list of the bucket."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(work + 2 * pid)
@@ -130,14 +148,14 @@ def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_coun
             base = tl.multiple_of(start + i * BLOCK, BLOCK)
             offs = tl.max_contiguous(tl.multiple_of(base + lanes, BLOCK), BLOCK)
             _update_block(param, grad, s0, s1, s2, offs, None, step, fresh, hyper_row,
-                          UPDATE, F0, F1, F2, NUM_STATES, COMPUTE)
+                          UPDATE, F0, F1, F2, NUM_STATES, STORAGE, COMPUTE, ROUND_BF16_BY_HAND)
     else:
         # A tensor's tail, or storage that is not 16-byte aligned (an odd view): masked,
         # unhinted loads that are correct for any address.
         for i in tl.static_range(ITERS):
             offs = start + i * BLOCK + lanes
             _update_block(param, grad, s0, s1, s2, offs, offs < numel, step, fresh, hyper_row,
-                          UPDATE, F0, F1, F2, NUM_STATES, COMPUTE)
+                          UPDATE, F0, F1, F2, NUM_STATES, STORAGE, COMPUTE, ROUND_BF16_BY_HAND)
 
     if USES_STEP:
         # The last program to finish a tensor stores its new step: acq_rel atomics order
@@ -159,6 +177,6 @@ def launch(update, flags, *, num_states: int, uses_step: bool, dtype: torch.dtyp
         UPDATE=update, F0=f0, F1=f1, F2=f2,
         NUM_STATES=num_states, USES_STEP=uses_step,
         STORAGE=_TL_DTYPES[dtype], COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
-        BLOCK=BLOCK, ITERS=ITERS, num_warps=NUM_WARPS,
+        BLOCK=BLOCK, ITERS=ITERS, ROUND_BF16_BY_HAND=_interpreting(), num_warps=NUM_WARPS,
     )
     _launches += 1
