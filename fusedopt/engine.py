@@ -108,6 +108,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._buckets: list[_Bucket] | None = None
         self._layout: Any = None
 
+    def _record_engine(self) -> None:
+        """Called after torch.optim's __init__, which has recorded the engine options in the
+        groups as torch does (so a checkpoint loaded into torch.optim selects what was asked)."""
+        # torch's __init__ sets this for fused=True, which would make GradScaler hand step()
+        # grad_scale/found_inf; this step does not take them, so GradScaler unscales first.
+        self._step_supports_amp_scaling = False
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         try:
@@ -180,7 +187,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._layout = layout
         hyper = [self._hyperparams(g) for g in groups]
         for bucket in self._buckets:
-            bucket.step(hyper)
+            bucket.gather()
+        for bucket in self._buckets:
+            bucket.run(hyper)
         return loss
 
     def _make_buckets(self, flags: list[dict[str, bool]]) -> list[_Bucket]:
@@ -209,29 +218,47 @@ class _Bucket:
         self.backend = resolve_backend(opt._backend_request, device)
         self.present: list[bool] | None = None  # which params had grads when last prepared
         self.param_ptrs: list[int] = []
+        self.grad_ptrs: list[int] | None = None  # the grads the kernel's table points at
+        self.pending: tuple | None = None  # what gather() read for run()
 
-    def step(self, hyper: list[dict[str, float]]) -> None:
+    def gather(self) -> None:
+        """Read this step's grads and check any that are new; raises before anything changes.
+
+        Every bucket gathers before any bucket runs, so that a bad grad anywhere leaves every
+        param and state untouched (torch.optim checks a group's grads before updating).
+        """
         grads = [p.grad for p in self.params]
         present = [g is not None for g in grads]
+        live = [i for i, has_grad in enumerate(present) if has_grad]
+        live_grads = grads if len(live) == len(grads) else [grads[i] for i in live]
+        try:
+            grad_ptrs = [g.data_ptr() for g in live_grads]
+        except RuntimeError:  # a sparse grad has no data pointer: say so clearly
+            self._check_grads(live, live_grads)
+            raise
+        if grad_ptrs != self.grad_ptrs or self.backend != "triton":
+            self._check_grads(live, live_grads)
+        self.pending = (present, live, live_grads, grad_ptrs)
+
+    def run(self, hyper: list[dict[str, float]]) -> None:
+        """Update every param of the bucket that has a grad: one kernel launch."""
+        present, live, grads, grad_ptrs = self.pending
+        self.pending = None  # the grads are not kept alive past the step
         param_ptrs = [p.data_ptr() for p in self.params]
         if present != self.present or param_ptrs != self.param_ptrs:
-            self._prepare(grads, present, param_ptrs)
+            self._prepare(present, live, param_ptrs)
         if not self.live:
             return
-        if len(self.live) != len(grads):
-            grads = [grads[i] for i in self.live]
         if self.backend == "triton":
-            self._run_triton(grads, hyper)
+            self._run_triton(grads, grad_ptrs, hyper)
         else:
             self._run_reference(grads, hyper)
 
     # ---- shared preparation: state creation and checks -----------------------------------------
 
-    def _prepare(self, grads: list[Tensor | None], present: list[bool],
-                 param_ptrs: list[int]) -> None:
+    def _prepare(self, present: list[bool], live: list[int], param_ptrs: list[int]) -> None:
         """(Re)build everything that depends on which params have grads this step."""
-        self.live = [i for i, has_grad in enumerate(present) if has_grad]
-        self._check_grads([grads[i] for i in self.live])
+        self.live = live
         self.states: list[list[Tensor]] = []
         self.steps: list[Tensor | None] = []
         self.fresh: list[bool] = []
@@ -247,6 +274,8 @@ class _Bucket:
 
     def _state_of(self, p: Tensor) -> tuple[list[Tensor], Tensor | None, bool]:
         """The state tensors of ``p`` in kernel order, created (zeros) where missing."""
+        if not self.state_names and not self.opt.uses_step:
+            return [], None, False  # e.g. SGD without momentum: torch keeps no state either
         state = self.opt.state[p]
         fresh = False
         tensors = []
@@ -280,16 +309,20 @@ class _Bucket:
                 state["step"] = step
         return tensors, step, fresh
 
-    def _check_grads(self, grads: list[Tensor]) -> None:
+    def _check_grads(self, live: list[int], grads: list[Tensor]) -> None:
         owner = f"fusedopt.{type(self.opt).__name__}"
-        for g in grads:
+        for i, g in zip(live, grads):
             if g.is_sparse or g.layout != torch.strided:
                 raise RuntimeError(f"{owner} does not support sparse gradients")
+            p = self.params[i]
+            if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
+                raise RuntimeError(f"{owner}: a grad is {g.dtype} of shape {tuple(g.shape)} on "
+                                   f"{g.device}, but its parameter is {p.dtype} of shape "
+                                   f"{tuple(p.shape)} on {p.device}")
 
     # ---- reference backend --------------------------------------------------------------------
 
     def _run_reference(self, grads: list[Tensor], hyper: list[dict[str, float]]) -> None:
-        self._check_grads(grads)
         update = self.opt.reference_update
         for k, (i, grad) in enumerate(zip(self.live, grads)):
             step = self.steps[k]
@@ -334,7 +367,7 @@ class _Bucket:
         self.work = torch.stack([tensor_of, starts], dim=1).contiguous().to(self.device)
         self.num_work = len(tensor_of)
         self.done_counts = torch.zeros(n, dtype=torch.int32, device=self.device)
-        self.grad_ptrs: list[int] | None = None
+        self.grad_ptrs = None
         self.grad_copies: dict[int, Tensor] = {}  # grads whose strides differ from the param's
         self.hyper_rows: list[tuple[float, ...]] | None = None
         self.update = getattr(importlib.import_module("fusedopt.kernels.updates"),
@@ -346,12 +379,8 @@ class _Bucket:
         host = torch.frombuffer(array.array("q", values), dtype=torch.int64)
         self.table[self.cols[name]].copy_(host, non_blocking=True)
 
-    def _run_triton(self, grads: list[Tensor], hyper: list[dict[str, float]]) -> None:
-        try:
-            grad_ptrs = [g.data_ptr() for g in grads]
-        except RuntimeError:
-            self._check_grads(grads)  # a sparse grad has no data pointer: say so clearly
-            raise
+    def _run_triton(self, grads: list[Tensor], grad_ptrs: list[int],
+                    hyper: list[dict[str, float]]) -> None:
         if grad_ptrs != self.grad_ptrs:
             self._patch_grads(grads, grad_ptrs)
         for k, copy in self.grad_copies.items():

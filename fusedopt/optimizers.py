@@ -56,8 +56,10 @@ class Adam(_AdamSpec, torch.optim.Adam):
         self._check_engine_options(foreach=foreach, fused=fused, capturable=capturable,
                                    differentiable=differentiable)
         self._init_engine(backend)
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable, differentiable=differentiable,
+                         fused=fused, decoupled_weight_decay=decoupled_weight_decay)
+        self._record_engine()
 
 
 class AdamW(_AdamSpec, torch.optim.AdamW):
@@ -77,7 +79,10 @@ class AdamW(_AdamSpec, torch.optim.AdamW):
         self._check_engine_options(foreach=foreach, fused=fused, capturable=capturable,
                                    differentiable=differentiable)
         self._init_engine(backend)
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         foreach=foreach, capturable=capturable, differentiable=differentiable,
+                         fused=fused)
+        self._record_engine()
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):
@@ -98,7 +103,9 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         self._check_engine_options(foreach=foreach, fused=fused, differentiable=differentiable)
         self._init_engine(backend)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov,
-                         maximize=maximize)
+                         maximize=maximize, foreach=foreach, differentiable=differentiable,
+                         fused=fused)
+        self._record_engine()
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
         return {"lr": float(group["lr"]), "momentum": float(group["momentum"]),

@@ -1,0 +1,413 @@
+"""The torch-facing API: signatures, validation, refused options, closures, sparse and
+non-float params, backend selection, and ``import fusedopt`` without triton."""
+
+import inspect
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from cases import TOL, assert_states_close, clone_params, fresh_grads, set_grads
+
+import fusedopt
+
+PAIRS = [pytest.param(fusedopt.Adam, torch.optim.Adam, id="adam"),
+         pytest.param(fusedopt.AdamW, torch.optim.AdamW, id="adamw"),
+         pytest.param(fusedopt.SGD, torch.optim.SGD, id="sgd")]
+CPU = torch.device("cpu")
+
+
+def _params(n=3, dtype=torch.float32):
+    return [torch.randn(n, dtype=dtype, requires_grad=True)]
+
+
+# ---- signature and class ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ours, theirs", PAIRS)
+def test_signature_is_torchs_plus_backend(ours, theirs):
+    described = [(p.name, p.kind, p.default)
+                 for p in inspect.signature(ours).parameters.values()]
+    expected = [(p.name, p.kind, p.default)
+                for p in inspect.signature(theirs).parameters.values()]
+    expected.append(("backend", inspect.Parameter.KEYWORD_ONLY, None))
+    assert described == expected
+
+
+@pytest.mark.parametrize("ours, theirs", PAIRS)
+def test_is_a_torch_optimizer(ours, theirs):
+    opt = ours(_params(), backend="reference")
+    assert isinstance(opt, theirs) and isinstance(opt, torch.optim.Optimizer)
+    assert type(opt).__name__ == theirs.__name__
+    assert opt.defaults == theirs(_params()).defaults
+
+
+# ---- validation: torch's errors, verbatim -------------------------------------------------------
+
+NAN = math.nan
+INVALID = [
+    ("adam", {"lr": -1e-3}), ("adam", {"lr": NAN}), ("adam", {"eps": -1e-8}),
+    ("adam", {"betas": (1.0, 0.999)}), ("adam", {"betas": (0.9, -0.1)}),
+    ("adam", {"betas": (0.9, 1.5)}), ("adam", {"weight_decay": -0.1}),
+    ("adam", {"lr": torch.tensor([1e-3, 2e-3])}),
+    ("adamw", {"lr": -1.0}), ("adamw", {"lr": NAN}), ("adamw", {"eps": -1.0}),
+    ("adamw", {"betas": (-0.5, 0.9)}), ("adamw", {"weight_decay": -1e-2}),
+    ("sgd", {"lr": -0.1}), ("sgd", {"lr": NAN}), ("sgd", {"momentum": -0.5}),
+    ("sgd", {"weight_decay": -1.0}), ("sgd", {"nesterov": True}),
+    ("sgd", {"nesterov": True, "momentum": 0.9, "dampening": 0.1}),
+    ("sgd", {"lr": torch.tensor([0.1, 0.2])}),
+]
+CLASSES = {"adam": (fusedopt.Adam, torch.optim.Adam), "adamw": (fusedopt.AdamW, torch.optim.AdamW),
+           "sgd": (fusedopt.SGD, torch.optim.SGD)}
+
+
+def _outcome(make):
+    try:
+        make()
+    except Exception as e:  # noqa: BLE001 - the point is to compare whatever is raised
+        return type(e), str(e)
+    return None
+
+
+@pytest.mark.parametrize("name, kwargs", INVALID,
+                         ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}"
+                              for n, kw in INVALID])
+def test_invalid_hyperparameters_raise_torchs_error(name, kwargs):
+    ours, theirs = CLASSES[name]
+    expected = _outcome(lambda: theirs(_params(), **kwargs))
+    got = _outcome(lambda: ours(_params(), **kwargs, backend="reference"))
+    assert got == expected
+    if not (name == "sgd" and kwargs.get("lr") is NAN):  # torch's SGD lets a NaN lr through
+        assert expected is not None and expected[0] is ValueError
+
+
+@pytest.mark.parametrize("ours, theirs", PAIRS)
+def test_empty_and_malformed_params_raise_torchs_error(ours, theirs):
+    for bad in ([], torch.zeros(3)):
+        assert _outcome(lambda b=bad: ours(b)) == _outcome(lambda b=bad: theirs(b))
+        assert _outcome(lambda b=bad: ours(b)) is not None
+
+
+@pytest.mark.parametrize("option", [{"foreach": True}, {"fused": False}, {"capturable": True},
+                                    {"differentiable": True}],
+                         ids=["foreach=True", "fused=False", "capturable=True",
+                              "differentiable=True"])
+@pytest.mark.parametrize("ours, theirs", PAIRS)
+def test_refused_torch_options(ours, theirs, option):
+    if option.keys() - inspect.signature(theirs).parameters.keys():
+        with pytest.raises(TypeError):  # SGD has no capturable, in torch either
+            ours(_params(), **option)
+        return
+    with pytest.raises((ValueError, NotImplementedError), match=next(iter(option))):
+        ours(_params(), **option)
+
+
+@pytest.mark.parametrize("ours, theirs", PAIRS)
+def test_accepted_options_are_recorded_like_torch(ours, theirs):
+    """The torch options fusedopt accepts are kept in param_groups as torch keeps them, so
+    that a checkpoint loaded into torch.optim selects what the user asked for."""
+    kwargs = {"foreach": False, "fused": None, "differentiable": False}
+    if "capturable" in inspect.signature(theirs).parameters:
+        kwargs["capturable"] = False
+    opt = ours(_params(), **kwargs, backend="reference")
+    ref = theirs(_params(), **kwargs)
+    assert opt.param_groups[0].keys() == ref.param_groups[0].keys()
+    for key in kwargs:
+        assert opt.param_groups[0][key] == ref.param_groups[0][key], key
+
+
+# ---- step ---------------------------------------------------------------------------------------
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("ours, theirs", PAIRS)
+def test_step_with_closure(ours, theirs, backend, request):
+    if backend == "triton":
+        request.getfixturevalue("kernel_device")
+    model, twin = _model(), _model()
+    opt = ours(model.parameters(), lr=0.01, backend=backend)
+    ref = theirs(twin.parameters(), lr=0.01, foreach=False)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 1, generator=gen)
+        calls = []
+
+        def closure(m=model, o=opt, x=x, y=y, calls=calls):
+            o.zero_grad()
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            calls.append(torch.is_grad_enabled())
+            return loss
+
+        def twin_closure(x=x, y=y):
+            ref.zero_grad()
+            loss = torch.nn.functional.mse_loss(twin(x), y)
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+        expected = ref.step(twin_closure)
+        assert calls == [True], "the closure runs once, with grad enabled"
+        assert isinstance(loss, torch.Tensor)
+        if backend == "reference":  # the same arithmetic as torch: the same loss, bit for bit
+            assert torch.equal(loss, expected)
+        else:  # the kernel's fp32 rounding may differ from torch's in the last bit
+            torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        assert_states_close(opt, list(model.parameters()), ref, list(twin.parameters()),
+                            **TOL[torch.float32])
+    assert opt.step() is None
+
+
+@pytest.mark.parametrize("ours, theirs", PAIRS)
+def test_step_hooks_run(ours, theirs):
+    calls = []
+    params = _params()
+    opt = ours(params, backend="reference")
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    params[0].grad = torch.randn(3)
+    opt.step()
+    assert calls == ["pre", "post"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("ours, theirs", PAIRS)
+def test_step_without_any_grad_is_a_no_op(ours, theirs, backend, request):
+    if backend == "triton":
+        request.getfixturevalue("kernel_device")
+    params = _params()
+    before = params[0].detach().clone()
+    opt = ours(params, momentum=0.9, backend=backend) if ours is fusedopt.SGD \
+        else ours(params, backend=backend)
+    opt.step()
+    assert torch.equal(params[0], before) and len(opt.state_dict()["state"]) == 0
+
+
+# ---- sparse and non-float params ---------------------------------------------------------------
+
+
+def _state_copy(opt):
+    return {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+
+
+def _states_equal(a, b):
+    return a.keys() == b.keys() and all(
+        a[k].keys() == b[k].keys() and all(torch.equal(a[k][n], b[k][n]) for n in a[k])
+        for k in a)
+
+
+@pytest.mark.parametrize("when", ["first-step", "after-dense-steps"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("ours, theirs", PAIRS)
+def test_sparse_grad_raises_and_changes_nothing(ours, theirs, backend, when, request):
+    if backend == "triton":
+        request.getfixturevalue("kernel_device")
+    params = [torch.randn(5, requires_grad=True), torch.randn(4, requires_grad=True)]
+    opt = ours(params, momentum=0.9, backend=backend) if ours is fusedopt.SGD \
+        else ours(params, backend=backend)
+    if when == "after-dense-steps":
+        for step in range(2):
+            set_grads(params, fresh_grads(params, step, skip=None))
+            opt.step()
+    values = [p.detach().clone() for p in params]
+    state = _state_copy(opt)
+    params[0].grad = torch.randn(5)
+    params[1].grad = torch.randn(4).to_sparse()
+    with pytest.raises(RuntimeError, match="(?i)sparse"):
+        opt.step()
+    assert all(torch.equal(p, v) for p, v in zip(params, values)), "params changed"
+    assert _states_equal(_state_copy(opt), state), "state changed"
+
+
+@pytest.mark.parametrize("ours, theirs", PAIRS)
+def test_sparse_grad_in_a_mixed_dtype_group_changes_nothing(ours, theirs):
+    """torch.optim.Adam checks a group's grads before updating any of its params; fusedopt
+    must too, across its per-dtype buckets (here the float32 bucket runs before the float64
+    one). (torch.optim.SGD accepts sparse grads; fusedopt.SGD refuses them, by design.)"""
+    params = [torch.randn(5, requires_grad=True),
+              torch.randn(4, dtype=torch.float64, requires_grad=True)]
+    twins = clone_params([params])[0]
+    opt = ours(params, backend="reference")
+    ref = theirs(twins, foreach=False)
+    values = [p.detach().clone() for p in params]
+    for ps in (params, twins):
+        ps[0].grad = torch.ones(5)
+        ps[1].grad = torch.ones(4, dtype=torch.float64).to_sparse()
+    if theirs is not torch.optim.SGD:
+        with pytest.raises(RuntimeError, match="sparse"):
+            ref.step()
+        assert torch.equal(twins[0], values[0])  # torch: no param changes (zero state may)
+    with pytest.raises(RuntimeError, match="(?i)sparse"):
+        opt.step()
+    assert torch.equal(params[0], values[0]), "the float32 param was updated before the raise"
+    assert len(opt.state) == 0 or all(not s for s in opt.state.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8],
+                         ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("ours, theirs", PAIRS)
+def test_non_float_params_raise(ours, theirs, dtype):
+    with pytest.raises((ValueError, TypeError), match="dtype"):
+        ours([torch.zeros(3, dtype=dtype)], backend="reference")
+    opt = ours(_params(), backend="reference")
+    with pytest.raises((ValueError, TypeError), match="dtype"):
+        opt.add_param_group({"params": [torch.zeros(3, dtype=dtype)]})
+    assert len(opt.param_groups) == 1, "the refused group was kept"
+
+
+@pytest.mark.parametrize("ours, theirs", PAIRS)
+def test_non_dense_param_is_refused(ours, theirs):
+    """A strided view (gaps in memory) cannot be walked as one flat range: refused, loudly."""
+    base = torch.randn(10)
+    with pytest.raises(ValueError, match="dense"):
+        ours([base[::2]], backend="reference")
+
+
+@pytest.mark.parametrize("ours, theirs", PAIRS)
+def test_params_from_a_generator_and_zero_grad(ours, theirs):
+    model = _model()
+    opt = ours(model.parameters(), backend="reference")
+    assert len(opt.param_groups[0]["params"]) == 4
+    model(torch.randn(2, 6)).sum().backward()
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ---- backend selection --------------------------------------------------------------------------
+
+
+def _bucket_backends(opt, params):
+    set_grads(params, fresh_grads(params, 0, skip=None))
+    opt.step()
+    return {b.backend for b in opt._buckets}
+
+
+def test_auto_without_interpreter_on_cpu_is_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("FUSEDOPT_BACKEND", raising=False)
+    assert fusedopt.resolve_backend(None, CPU) == "reference"
+    assert fusedopt.resolve_backend("auto", CPU) == "reference"
+    params = _params()
+    assert _bucket_backends(fusedopt.AdamW(params), params) == {"reference"}
+
+
+def test_auto_with_interpreter_on_cpu_is_triton(monkeypatch, kernel_device):
+    monkeypatch.delenv("FUSEDOPT_BACKEND", raising=False)
+    if kernel_device == "cpu":
+        assert fusedopt.resolve_backend(None, CPU) == "triton"
+    params = [p.to(kernel_device) for p in _params()]
+    assert _bucket_backends(fusedopt.AdamW(params), params) == {"triton"}
+
+
+def test_triton_without_interpreter_on_cpu_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fusedopt.resolve_backend("triton", CPU)
+    params = _params()
+    opt = fusedopt.SGD(params, lr=0.1, backend="triton")
+    before = params[0].detach().clone()
+    params[0].grad = torch.randn(3)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        opt.step()
+    assert torch.equal(params[0], before)
+
+
+@pytest.mark.parametrize("env", ["reference", "triton"])
+def test_env_var_selects_backend(monkeypatch, env, request):
+    if env == "triton":
+        request.getfixturevalue("kernel_device")
+    monkeypatch.setenv("FUSEDOPT_BACKEND", env)
+    assert fusedopt.resolve_backend(None, CPU) == env
+    params = _params()
+    assert _bucket_backends(fusedopt.Adam(params), params) == {env}
+
+
+def test_argument_beats_env_var(monkeypatch):
+    monkeypatch.setenv("FUSEDOPT_BACKEND", "triton")
+    params = _params()
+    assert _bucket_backends(fusedopt.Adam(params, backend="reference"), params) == {"reference"}
+
+
+@pytest.mark.parametrize("ours, theirs", PAIRS)
+def test_invalid_backend_name_raises(ours, theirs, monkeypatch):
+    monkeypatch.delenv("FUSEDOPT_BACKEND", raising=False)
+    with pytest.raises(ValueError, match="cuda"):
+        ours(_params(), backend="cuda")
+    with pytest.raises(ValueError):
+        fusedopt.resolve_backend("Triton", CPU)
+    monkeypatch.setenv("FUSEDOPT_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FUSEDOPT_BACKEND"):
+        ours(_params())
+    assert fusedopt.BACKENDS == ("auto", "triton", "reference")
+
+
+def test_reference_backend_launches_no_kernel(kernel_device):
+    from fusedopt import kernels
+
+    params = _params(4097)
+    opt = fusedopt.AdamW(params, backend="reference")
+    before = kernels.launch_count()
+    for step in range(2):
+        set_grads(params, fresh_grads(params, step, skip=None))
+        opt.step()
+    assert kernels.launch_count() == before
+
+
+# ---- import without triton ----------------------------------------------------------------------
+
+_NO_TRITON = textwrap.dedent("""
+    import sys
+    sys.modules["triton"] = None  # as if not installed: `import triton` raises ImportError
+    import torch
+    import fusedopt
+
+    assert fusedopt.resolve_backend(None, torch.device("cpu")) == "reference"
+    torch.manual_seed(0)
+    p = torch.randn(1023, requires_grad=True)
+    start = p.detach().clone()
+    opt = fusedopt.AdamW([p], lr=1e-2)
+    for _ in range(3):
+        p.grad = torch.randn(1023)
+        opt.step()
+    assert {b.backend for b in opt._buckets} == {"reference"}
+    assert not torch.equal(p, start) and float(opt.state[p]["step"]) == 3
+    try:
+        fusedopt.resolve_backend("triton", torch.device("cpu"))
+    except RuntimeError as e:
+        assert "not installed" in str(e), e
+    else:
+        raise AssertionError("backend='triton' without triton did not raise")
+    try:
+        import fusedopt.kernels  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise AssertionError("fusedopt.kernels imported without triton")
+    print("OK")
+""")
+
+
+def test_import_and_step_without_triton():
+    env = dict(os.environ, TRITON_INTERPRET="1")  # even then, auto must not pick triton
+    env.pop("FUSEDOPT_BACKEND", None)
+    done = subprocess.run([sys.executable, "-c", _NO_TRITON], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("OK")
+
+
+def test_import_fusedopt_does_not_import_triton():
+    """``import fusedopt`` itself stays torch-only (torch.optim may import triton later)."""
+    code = "import sys, torch, fusedopt\nprint('triton' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "False"

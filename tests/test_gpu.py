@@ -1,0 +1,130 @@
+"""CUDA-only checks at real sizes (skipped without a GPU): parity with torch.optim's fused
+implementation on GPT-2-like shapes plus 1000 small tensors, in float32 and bfloat16, and one
+kernel launch per step counted by torch.profiler, not by our own counter.
+
+The CPU-sized kernel tests (test_kernels_vs_reference.py, test_launches.py, ...) also run on
+CUDA when it is present: their ``kernel_device`` fixture picks it.
+"""
+
+import pytest
+import torch
+from cases import TOL, assert_states_close, cases, flat, set_grads
+
+import fusedopt
+from fusedopt import kernels
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+# GPT-2 124M-like: token embedding, attention and MLP matrices, then 1000 small tensors
+# (biases, layer norms, odd sizes) in a third group.
+LARGE = (((50257, 768), (1024, 768)), ((768, 2304), (768, 3072), (3072, 768)))
+SMALL_SIZES = (768, 2304, 3072, 1, 3, 64, 1023, 4097)
+STEPS = 5
+
+
+def _gpt2_like(dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    groups = [[torch.randn(shape, generator=gen, device="cuda", dtype=torch.float32)
+               for shape in shapes] for shapes in LARGE]
+    small = [torch.randn(SMALL_SIZES[i % len(SMALL_SIZES)], generator=gen, device="cuda")
+             for i in range(1000)]
+    groups.append(small)
+    return [[p.to(dtype).requires_grad_() for p in g] for g in groups]
+
+
+def _clone(param_lists, dtype=None):
+    return [[p.detach().to(dtype or p.dtype).clone().requires_grad_() for p in g]
+            for g in param_lists]
+
+
+def _grads(params, step, seed=1):
+    gen = torch.Generator(device="cuda").manual_seed(seed * 1000 + step)
+    return [torch.randn(p.shape, generator=gen, device="cuda").mul_(0.1).to(p.dtype)
+            for p in params]
+
+
+GPU_CASES = cases("adamw-default", "adam-amsgrad-wd", "adamw-amsgrad-maximize",
+                  "adamw-lr-tensor-wd", "sgd-nesterov", "sgd-momentum-dampening-wd")
+
+
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_float32_matches_torch_fused(case):
+    ours = _gpt2_like(torch.float32)
+    theirs = _clone(ours)
+    opt = case.make_fused(ours, "triton")
+    ref = case.make(case.torch_cls, theirs, fused=True)
+    for step in range(STEPS):
+        grads = _grads(flat(ours), step)
+        set_grads(flat(ours), grads)
+        set_grads(flat(theirs), grads)
+        opt.step()
+        ref.step()
+    torch.cuda.synchronize()
+    assert {b.backend for b in opt._buckets} == {"triton"}
+    assert_states_close(opt, flat(ours), ref, flat(theirs), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_bfloat16_error_at_most_torch_fused(case):
+    """bf16 params and state: error against a float32 run at most ~2x torch fused's own."""
+    low = _gpt2_like(torch.bfloat16)
+    theirs = _clone(low)
+    truth = _clone(low, torch.float32)
+    opt = case.make_fused(low, "triton")
+    ref = case.make(case.torch_cls, theirs, fused=True)
+    exact = case.make(case.torch_cls, truth, fused=True)
+    for step in range(STEPS):
+        grads = _grads(flat(low), step)
+        set_grads(flat(low), grads)
+        set_grads(flat(theirs), grads)
+        set_grads(flat(truth), [g.float() for g in grads])
+        for o in (opt, ref, exact):
+            o.step()
+    slack = torch.finfo(torch.bfloat16).eps
+    for i, (p, q, t) in enumerate(zip(flat(low), flat(theirs), flat(truth))):
+        ours = (p.float() - t).abs()
+        yardstick = (q.float() - t).abs()
+        assert torch.isfinite(ours).all()
+        assert ours.max() <= 2 * yardstick.max() + slack, f"param {i} {tuple(p.shape)}"
+        assert ours.mean() <= 2 * yardstick.mean() + slack / 100, f"param {i} {tuple(p.shape)}"
+
+
+def _kernel_launches(opt, params, grads):
+    """Launches of the fusedopt kernel in one step, as the CUDA profiler saw them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    set_grads(params, grads)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum("multi_tensor_step" in name for name in names), names
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.bfloat16,),
+                                    (torch.float32, torch.bfloat16)],
+                         ids=["fp32", "bf16", "fp32+bf16"])
+@pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.SGD], ids=["adamw", "sgd"])
+def test_one_launch_per_step_in_the_profiler(cls, dtypes):
+    param_lists = _gpt2_like(torch.float32)
+    param_lists = [[p.detach().to(dtypes[i % len(dtypes)]).requires_grad_()
+                    for i, p in enumerate(g)] for g in param_lists]
+    groups = [{"params": param_lists[0]},
+              {"params": param_lists[1], "lr": 3e-3, "weight_decay": 0.05},
+              {"params": param_lists[2], "lr": 1e-4}]
+    opt = cls(groups, lr=1e-3, momentum=0.9, backend="triton") if cls is fusedopt.SGD \
+        else cls(groups, lr=1e-3, backend="triton")
+    params = flat(param_lists)
+    assert len(params) > 1000
+    set_grads(params, _grads(params, 0))
+    opt.step()  # warm up: compile, build the tables
+    for step in (1, 2):
+        grads = _grads(params, step)
+        if step == 2:
+            opt.zero_grad(set_to_none=True)  # new grad storage: still one launch
+        before = kernels.launch_count()
+        count, names = _kernel_launches(opt, params, grads)
+        assert kernels.launch_count() - before == len(dtypes)
+        assert count == len(dtypes), (count, sorted(set(names))[:20])
