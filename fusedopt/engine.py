@@ -181,13 +181,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         groups = self.param_groups
         flags = [self._flags(g) for g in groups]
-        layout = tuple((len(g["params"]), tuple(f.values())) for g, f in zip(groups, flags))
+        layout = tuple((id(g["params"]), len(g["params"]), tuple(f.values()))
+                       for g, f in zip(groups, flags))
         if layout != self._layout:
             self._buckets = self._make_buckets(flags)
             self._layout = layout
+        try:
+            for bucket in self._buckets:
+                bucket.gather()
+        except _ParamsRegrouped:  # a param changed dtype or device through ``p.data``
+            self._buckets = self._make_buckets(flags)
+            for bucket in self._buckets:
+                bucket.gather()
         hyper = [self._hyperparams(g) for g in groups]
-        for bucket in self._buckets:
-            bucket.gather()
         for bucket in self._buckets:
             bucket.run(hyper)
         return loss
@@ -203,6 +209,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for (device, dtype, _), entries in members.items()]
 
 
+class _ParamsRegrouped(Exception):
+    """A param no longer belongs in its bucket: the optimizer must regroup."""
+
+
 class _Bucket:
     """All params of one (device, dtype, variant flags): one launch per step."""
 
@@ -216,48 +226,58 @@ class _Bucket:
         self.group_of = [g for _, g in entries]
         self.state_names = opt._state_names(flags)
         self.backend = resolve_backend(opt._backend_request, device)
-        self.present: list[bool] | None = None  # which params had grads when last prepared
-        self.param_ptrs: list[int] = []
-        self.grad_ptrs: list[int] | None = None  # the grads the kernel's table points at
-        self.pending: tuple | None = None  # what gather() read for run()
+        # What the cached tables were built for: -1 marks a param without a grad.
+        self.grad_ptrs: list[int] | None = None
+        self.param_ptrs: list[int] | None = None
+        self.present: list[bool] | None = None
+        self.pending: tuple | None = None  # what gather() read, for run()
 
     def gather(self) -> None:
-        """Read this step's grads and check any that are new; raises before anything changes.
+        """Read this step's grads and check what is new; raises before anything changes.
 
-        Every bucket gathers before any bucket runs, so that a bad grad anywhere leaves every
-        param and state untouched (torch.optim checks a group's grads before updating).
+        Every bucket gathers before any bucket runs, so a bad grad anywhere leaves every param
+        and state untouched (torch.optim, too, checks a group's grads before updating).
+        The steady state costs three passes over the params: ``p.grad``, the grads' and the
+        params' data pointers. Grads that merely moved (``zero_grad(set_to_none=True)``) need
+        no check: torch's grad setter already enforces the param's dtype, shape and device.
         """
         grads = [p.grad for p in self.params]
-        present = [g is not None for g in grads]
-        live = [i for i, has_grad in enumerate(present) if has_grad]
-        live_grads = grads if len(live) == len(grads) else [grads[i] for i in live]
         try:
-            grad_ptrs = [g.data_ptr() for g in live_grads]
+            grad_ptrs = [-1 if g is None else g.data_ptr() for g in grads]
         except RuntimeError:  # a sparse grad has no data pointer: say so clearly
-            self._check_grads(live, live_grads)
+            self._check_grads([i for i, g in enumerate(grads) if g is not None], grads)
             raise
-        if grad_ptrs != self.grad_ptrs or self.backend != "triton":
-            self._check_grads(live, live_grads)
-        self.pending = (present, live, live_grads, grad_ptrs)
+        param_ptrs = [p.data_ptr() for p in self.params]
+        if param_ptrs != self.param_ptrs and any(
+                p.device != self.device or _real(p).dtype != self.dtype for p in self.params):
+            raise _ParamsRegrouped
+        live = None  # set when the tables must be rebuilt: which params have grads
+        if param_ptrs != self.param_ptrs or (
+                grad_ptrs != self.grad_ptrs
+                and [ptr != -1 for ptr in grad_ptrs] != self.present):
+            live = [i for i, ptr in enumerate(grad_ptrs) if ptr != -1]
+            self._check_grads(live, grads)
+        self.pending = (grads, grad_ptrs, param_ptrs, live)
 
     def run(self, hyper: list[dict[str, float]]) -> None:
         """Update every param of the bucket that has a grad: one kernel launch."""
-        present, live, grads, grad_ptrs = self.pending
+        grads, grad_ptrs, param_ptrs, live = self.pending
         self.pending = None  # the grads are not kept alive past the step
-        param_ptrs = [p.data_ptr() for p in self.params]
-        if present != self.present or param_ptrs != self.param_ptrs:
-            self._prepare(present, live, param_ptrs)
+        if live is not None:
+            self._prepare(live, param_ptrs)
         if not self.live:
             return
         if self.backend == "triton":
-            self._run_triton(grads, grad_ptrs, hyper)
+            if grad_ptrs != self.grad_ptrs:
+                self._patch_grads(grads, grad_ptrs)
+            self._run_triton(grads, hyper)
         else:
-            self._run_reference(grads, hyper)
+            self._run_reference([grads[i] for i in self.live], hyper)
 
     # ---- shared preparation: state creation and checks -----------------------------------------
 
-    def _prepare(self, present: list[bool], live: list[int], param_ptrs: list[int]) -> None:
-        """(Re)build everything that depends on which params have grads this step."""
+    def _prepare(self, live: list[int], param_ptrs: list[int]) -> None:
+        """(Re)build everything that depends on which params have grads, and where params are."""
         self.live = live
         self.states: list[list[Tensor]] = []
         self.steps: list[Tensor | None] = []
@@ -267,8 +287,11 @@ class _Bucket:
             self.states.append(states)
             self.steps.append(step)
             self.fresh.append(fresh)
-        self.present = present
         self.param_ptrs = param_ptrs
+        self.present = [False] * len(self.params)
+        for i in live:
+            self.present[i] = True
+        self.grad_ptrs = None  # the grad column is filled by _patch_grads
         if self.backend == "triton":
             self._build_tables()
 
@@ -309,9 +332,11 @@ class _Bucket:
                 state["step"] = step
         return tensors, step, fresh
 
-    def _check_grads(self, live: list[int], grads: list[Tensor]) -> None:
+    def _check_grads(self, live: list[int], grads: list[Tensor | None]) -> None:
+        """``grads[i]`` for ``i`` in ``live`` must be dense and match its param."""
         owner = f"fusedopt.{type(self.opt).__name__}"
-        for i, g in zip(live, grads):
+        for i in live:
+            g = grads[i]
             if g.is_sparse or g.layout != torch.strided:
                 raise RuntimeError(f"{owner} does not support sparse gradients")
             p = self.params[i]
@@ -367,7 +392,6 @@ class _Bucket:
         self.work = torch.stack([tensor_of, starts], dim=1).contiguous().to(self.device)
         self.num_work = len(tensor_of)
         self.done_counts = torch.zeros(n, dtype=torch.int32, device=self.device)
-        self.grad_ptrs = None
         self.grad_copies: dict[int, Tensor] = {}  # grads whose strides differ from the param's
         self.hyper_rows: list[tuple[float, ...]] | None = None
         self.update = getattr(importlib.import_module("fusedopt.kernels.updates"),
@@ -379,12 +403,9 @@ class _Bucket:
         host = torch.frombuffer(array.array("q", values), dtype=torch.int64)
         self.table[self.cols[name]].copy_(host, non_blocking=True)
 
-    def _run_triton(self, grads: list[Tensor], grad_ptrs: list[int],
-                    hyper: list[dict[str, float]]) -> None:
-        if grad_ptrs != self.grad_ptrs:
-            self._patch_grads(grads, grad_ptrs)
+    def _run_triton(self, grads: list[Tensor | None], hyper: list[dict[str, float]]) -> None:
         for k, copy in self.grad_copies.items():
-            copy.copy_(grads[k])
+            copy.copy_(grads[self.live[k]])
         rows = [tuple(h.values()) for h in hyper]
         if rows != self.hyper_rows:
             self.hyper = torch.tensor(rows, dtype=torch.float64).to(self.device,
@@ -401,10 +422,13 @@ class _Bucket:
             self.fresh = [False] * len(self.fresh)
             self._upload_column("FRESH", [0] * self.num_tensors)
 
-    def _patch_grads(self, grads: list[Tensor], grad_ptrs: list[int]) -> None:
+    def _patch_grads(self, grads: list[Tensor | None], grad_ptrs: list[int]) -> None:
         """New grad storage (after zero_grad(set_to_none=True)): re-point the grad column."""
         self.grad_ptrs = grad_ptrs
         self.grad_copies = {}
+        if len(self.live) != len(grads):
+            grads = [grads[i] for i in self.live]
+            grad_ptrs = [grad_ptrs[i] for i in self.live]
         strides = [g.stride() for g in grads]
         if strides != self.param_strides:
             # The kernel indexes param and grad alike; give it the grad in the param's layout

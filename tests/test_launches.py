@@ -138,3 +138,66 @@ def test_new_grad_set_rebuilds(kernel_device):
         live = sum(g is not None for g in grads)
         assert opt._buckets[0].num_tensors == live
         assert_states_close(opt, params, ref, ref_params, **TOL[torch.float32])
+
+
+def test_moved_param_storage_rebuilds(kernel_device):
+    """``p.data = ...`` moves a param's storage: the kernel must write the new storage."""
+    param_lists = _many_params(kernel_device, n=12)
+    ref_lists = clone_params(param_lists)
+    opt = fusedopt.AdamW(_adamw_groups(param_lists), backend="triton")
+    ref = fusedopt.AdamW(_adamw_groups(ref_lists), backend="reference")
+    params, ref_params = flat(param_lists), flat(ref_lists)
+    for step in range(3):
+        if step == 2:
+            for p in params[::3]:
+                p.data = p.data.clone()
+        grads = fresh_grads(params, step, skip=None)
+        set_grads(params, grads)
+        set_grads(ref_params, grads)
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        ref.step()
+        assert_states_close(opt, params, ref, ref_params, **TOL[torch.float32])
+    assert any(not torch.equal(p, b) for p, b in zip(params[::3], before[::3]) if p.numel())
+
+
+def test_grad_not_matching_its_moved_param_raises_before_any_update(kernel_device):
+    """A param re-typed through ``p.data`` keeps its old grad: a clear error, nothing changed
+    in any bucket (the float64 one is checked before the float32 one runs)."""
+    params = [torch.randn(5, device=kernel_device, requires_grad=True),
+              torch.randn(7, device=kernel_device, requires_grad=True),
+              torch.randn(3, dtype=torch.float64, device=kernel_device, requires_grad=True)]
+    opt = fusedopt.AdamW(params, backend="triton")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    params[2].data = params[2].data.clone()
+    params[1].data = params[1].data.double()  # its grad stays float32
+    values = [p.detach().clone() for p in params]
+    state = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    with pytest.raises(RuntimeError, match="grad is torch.float32"):
+        opt.step()
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state.items())
+
+
+def test_param_retyped_through_data_is_regrouped(kernel_device):
+    """``p.data = p.data.double()`` before any step (as ``model.double()`` does) moves the param
+    to the float64 bucket: the same trajectory as an optimizer built after the change."""
+    params = [torch.randn(6, device=kernel_device, requires_grad=True) for _ in range(3)]
+    opt = fusedopt.Adam(params, lr=0.1, backend="triton")
+    opt.step()  # no grads yet: builds float32 buckets, creates no state
+    for p in params[1:]:
+        p.data = p.data.double()
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    ref = torch.optim.Adam(twins, lr=0.1, foreach=False)
+    for step in range(3):
+        grads = fresh_grads(params, step, skip=None)
+        set_grads(params, grads)
+        set_grads(twins, grads)
+        before = kernels.launch_count()
+        opt.step()
+        assert kernels.launch_count() - before == 2
+        ref.step()
+    assert sorted(str(b.dtype) for b in opt._buckets) == ["torch.float32", "torch.float64"]
+    assert_states_close(opt, params, ref, twins, **TOL[torch.float32])
