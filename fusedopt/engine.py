@@ -379,6 +379,7 @@ class _Bucket:
         numels = columns["NUMEL"]
         table = torch.tensor([columns[name] for name in kernels.COLUMNS], dtype=torch.int64)
         self.param_strides = [self.params[i].stride() for i in self.live]
+        self.params_contiguous = all(self.params[i].is_contiguous() for i in self.live)
         self.table = table.to(self.device)
         self.num_tensors = n
         self.cols = {name: i for i, name in enumerate(kernels.COLUMNS)}
@@ -429,7 +430,12 @@ class _Bucket:
         if len(self.live) != len(grads):
             grads = [grads[i] for i in self.live]
             grad_ptrs = [grad_ptrs[i] for i in self.live]
-        strides = [g.stride() for g in grads]
+        # Grads match their params' dtype and shape (torch's grad setter enforces it), so for
+        # contiguous params a contiguous grad is laid out alike; otherwise compare strides.
+        if self.params_contiguous and all(map(Tensor.is_contiguous, grads)):
+            strides = self.param_strides
+        else:
+            strides = [g.stride() for g in grads]
         if strides != self.param_strides:
             # The kernel indexes param and grad alike; give it the grad in the param's layout
             # (a copy each step: autograd never produces this, but an assigned grad may).

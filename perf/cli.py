@@ -3,11 +3,13 @@
     fusedopt-bench [options]            measure, print a table, write JSON/CSV/PNG
     fusedopt-bench --e2e [options]      end-to-end small-GPT training split
     fusedopt-bench plot RESULTS.csv     re-draw the plots from a results CSV
+    fusedopt-bench host [options]       host-side ms per step, kernel launch stubbed out
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -218,6 +220,49 @@ def _plot_main(argv: list[str]) -> int:
     return 0
 
 
+def _host_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="fusedopt-bench host",
+        description="Time the host side of fusedopt's step (Python work around the launch) "
+                    "with the kernel launch replaced by a no-op: with the same grads every "
+                    "step, and with new grad storage every step (zero_grad(set_to_none=True)).")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where the tensors live (default: cuda if available, else cpu)")
+    p.add_argument("--workloads", default="small2000,gpt2",
+                   help="comma-separated workload names (default: small2000,gpt2)")
+    p.add_argument("--optimizers", default="AdamW", help="comma-separated fusedopt optimizers")
+    p.add_argument("--dtypes", default="fp32", help="comma-separated dtypes (default: fp32)")
+    p.add_argument("--steps", type=int, default=100, help="steps per repeat (default: 100)")
+    p.add_argument("--out", type=Path, default=None, help="also write host.json and host.csv here")
+    args = p.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device (use --device cpu)")
+    try:
+        loads = workloads.resolve(_split([args.workloads]) or [])
+        specs = [impls_mod.OptSpec.parse(n) for n in _split([args.optimizers]) or []]
+        dtypes = [canonical_dtype(d) for d in _split([args.dtypes]) or []]
+    except (UnknownNameError, ValueError) as err:
+        p.error(str(err))
+    present = impls_mod.fusedopt_optimizers()
+    missing = [s.name for s in specs if s.name not in present]
+    if missing:
+        p.error(f"not a fusedopt optimizer: {', '.join(missing)}; "
+                f"fusedopt has {', '.join(present)}")
+    from . import host
+
+    rows = [host.measure_host(w, s, d, device, steps=args.steps)
+            for w in loads for s in specs for d in dtypes]
+    print(host.format_host_table(rows))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {"device": device, "device_name": measure.device_name(device),
+                **report.versions(), "command": "fusedopt-bench host " + " ".join(argv)}
+        (args.out / "host.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        report.write_csv(args.out / "host.csv", rows, fields=list(rows[0]))
+    return 0
+
+
 def _list(device: str) -> int:
     print("workloads:")
     for w in workloads.resolve(["gpt2", "llama1b", "resnet50", "small2000"]):
@@ -245,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plot"]:
         return _plot_main(argv[1:])
+    if argv[:1] == ["host"]:
+        return _host_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
 

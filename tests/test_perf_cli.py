@@ -182,3 +182,24 @@ def test_console_script_installed():
     proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--workloads" in proc.stdout
     assert Path(exe).name == "fusedopt-bench"
+
+
+def test_host_overhead_subcommand(tmp_path, capsys):
+    from fusedopt import kernels
+
+    launch = kernels.launch
+    rc = main(["host", "--device", "cpu", "--workloads", "small30", "--optimizers", "AdamW,SGD",
+               "--steps", "3", "--out", str(tmp_path)])
+    assert rc == 0 and kernels.launch is launch  # the stub is undone
+    table = capsys.readouterr().out
+    assert "small30" in table and "AdamW" in table and "SGD" in table
+    rows = json.loads((tmp_path / "host.json").read_text())["rows"]
+    assert [(r["optimizer"], r["tensors"]) for r in rows] == [("AdamW", 30), ("SGD", 30)]
+    assert all(0 < r["steady_ms"] < 1e3 and 0 < r["new_grads_ms"] < 1e3 for r in rows)
+    assert (tmp_path / "host.csv").read_text().startswith("workload,tensors,")
+
+
+def test_host_overhead_refuses_optimizers_fusedopt_lacks(capsys):
+    with pytest.raises(SystemExit):
+        main(["host", "--optimizers", "Lion"])
+    assert "fusedopt has Adam" in capsys.readouterr().err
