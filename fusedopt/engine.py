@@ -245,7 +245,7 @@ class _Bucket:
         try:
             grad_ptrs = [-1 if g is None else g.data_ptr() for g in grads]
         except RuntimeError:  # a sparse grad has no data pointer: say so clearly
-            self._check_grads([i for i, g in enumerate(grads) if g is not None], grads)
+            self._check_inputs([i for i, g in enumerate(grads) if g is not None], grads)
             raise
         param_ptrs = [p.data_ptr() for p in self.params]
         if param_ptrs != self.param_ptrs and any(
@@ -256,7 +256,7 @@ class _Bucket:
                 grad_ptrs != self.grad_ptrs
                 and [ptr != -1 for ptr in grad_ptrs] != self.present):
             live = [i for i, ptr in enumerate(grad_ptrs) if ptr != -1]
-            self._check_grads(live, grads)
+            self._check_inputs(live, grads)
         self.pending = (grads, grad_ptrs, param_ptrs, live)
 
     def run(self, hyper: list[dict[str, float]]) -> None:
@@ -307,10 +307,6 @@ class _Bucket:
             if value is None:
                 value = torch.zeros_like(p, memory_format=torch.preserve_format)
                 fresh = True
-            elif value.dtype != p.dtype or value.device != p.device:
-                raise ValueError(f"state {name!r} is {value.dtype} on {value.device}, but its "
-                                 f"parameter is {p.dtype} on {p.device}; fusedopt keeps state "
-                                 "in the parameter's dtype and device")
             elif value.stride() != p.stride():
                 # e.g. a contiguous state loaded for a channels_last param: same values,
                 # the param's layout, so that one flat index addresses both.
@@ -332,18 +328,27 @@ class _Bucket:
                 state["step"] = step
         return tensors, step, fresh
 
-    def _check_grads(self, live: list[int], grads: list[Tensor | None]) -> None:
-        """``grads[i]`` for ``i`` in ``live`` must be dense and match its param."""
+    def _check_inputs(self, live: list[int], grads: list[Tensor | None]) -> None:
+        """``grads[i]`` for ``i`` in ``live`` must be dense and match its param, and any state
+        the param already has must be in its dtype and on its device. Checked before any
+        bucket runs, so that an error changes nothing."""
         owner = f"fusedopt.{type(self.opt).__name__}"
         for i in live:
-            g = grads[i]
+            g, p = grads[i], self.params[i]
             if g.is_sparse or g.layout != torch.strided:
                 raise RuntimeError(f"{owner} does not support sparse gradients")
-            p = self.params[i]
             if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
                 raise RuntimeError(f"{owner}: a grad is {g.dtype} of shape {tuple(g.shape)} on "
                                    f"{g.device}, but its parameter is {p.dtype} of shape "
                                    f"{tuple(p.shape)} on {p.device}")
+            state = self.opt.state.get(p, {})
+            for name in self.state_names:
+                value = state.get(name)
+                if value is not None and (value.dtype != p.dtype or value.device != p.device):
+                    raise ValueError(
+                        f"state {name!r} is {value.dtype} on {value.device}, but its parameter "
+                        f"is {p.dtype} on {p.device}; fusedopt keeps state in the parameter's "
+                        "dtype and device (move the optimizer's state along with the model)")
 
     # ---- reference backend --------------------------------------------------------------------
 

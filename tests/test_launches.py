@@ -201,3 +201,20 @@ def test_param_retyped_through_data_is_regrouped(kernel_device):
         ref.step()
     assert sorted(str(b.dtype) for b in opt._buckets) == ["torch.float32", "torch.float64"]
     assert_states_close(opt, params, ref, twins, **TOL[torch.float32])
+
+
+def test_param_retyped_after_its_state_exists_raises_before_any_update(kernel_device):
+    params = [torch.randn(5, device=kernel_device, requires_grad=True) for _ in range(3)]
+    opt = fusedopt.AdamW(params, backend="triton")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    params[2].data = params[2].data.double()  # its exp_avg/exp_avg_sq stay float32
+    for p in params:
+        p.grad = torch.randn_like(p)
+    values = [p.detach().clone() for p in params]
+    state = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    with pytest.raises(ValueError, match="'exp_avg' is torch.float32"):
+        opt.step()
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state.items())
