@@ -86,11 +86,11 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ---- construction -------------------------------------------------------------------------
 
-    @classmethod
-    def _check_engine_options(cls, *, foreach=None, fused=None, capturable=False,
-                              differentiable=False) -> None:
-        """Refuse torch options that choose another implementation or that we lack, loudly."""
-        name = f"fusedopt.{cls.__name__}"
+    def _init_engine(self, backend: str | None, *, foreach=None, fused=None, capturable=False,
+                     differentiable=False) -> None:
+        """Called first in every __init__: check the backend name, and refuse the torch
+        options that choose another implementation or that fusedopt lacks, loudly."""
+        name = f"fusedopt.{type(self).__name__}"
         if differentiable:
             raise NotImplementedError(f"{name} does not support differentiable=True")
         if capturable:
@@ -101,8 +101,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         if fused is False:
             raise ValueError(f"{name} is always fused; fused=False selects torch's unfused "
                              "implementation, use torch.optim for it")
-
-    def _init_engine(self, backend: str | None) -> None:
         check_backend_name(backend)
         self._backend_request = backend
         self._buckets: list[_Bucket] | None = None

@@ -53,9 +53,8 @@ class Adam(_AdamSpec, torch.optim.Adam):
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False,
                  backend: str | None = None):
-        self._check_engine_options(foreach=foreach, fused=fused, capturable=capturable,
-                                   differentiable=differentiable)
-        self._init_engine(backend)
+        self._init_engine(backend, foreach=foreach, fused=fused, capturable=capturable,
+                          differentiable=differentiable)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=decoupled_weight_decay)
@@ -76,9 +75,8 @@ class AdamW(_AdamSpec, torch.optim.AdamW):
                  foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
                  backend: str | None = None):
-        self._check_engine_options(foreach=foreach, fused=fused, capturable=capturable,
-                                   differentiable=differentiable)
-        self._init_engine(backend)
+        self._init_engine(backend, foreach=foreach, fused=fused, capturable=capturable,
+                          differentiable=differentiable)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          foreach=foreach, capturable=capturable, differentiable=differentiable,
                          fused=fused)
@@ -100,8 +98,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
                  *, maximize: bool = False, foreach: bool | None = None,
                  differentiable: bool = False, fused: bool | None = None,
                  backend: str | None = None):
-        self._check_engine_options(foreach=foreach, fused=fused, differentiable=differentiable)
-        self._init_engine(backend)
+        self._init_engine(backend, foreach=foreach, fused=fused, differentiable=differentiable)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov,
                          maximize=maximize, foreach=foreach, differentiable=differentiable,
                          fused=fused)

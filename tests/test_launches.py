@@ -33,6 +33,26 @@ def _adamw_groups(param_lists):
             {"params": param_lists[2], "lr": 5e-4, "betas": (0.95, 0.99), "weight_decay": 0.0}]
 
 
+def _kernel_and_reference(device, n):
+    """AdamW on the kernels and on the reference path, over the same ``n`` params."""
+    param_lists = _many_params(device, n=n)
+    ref_lists = clone_params(param_lists)
+    opt = fusedopt.AdamW(_adamw_groups(param_lists), backend="triton")
+    ref = fusedopt.AdamW(_adamw_groups(ref_lists), backend="reference")
+    return opt, flat(param_lists), ref, flat(ref_lists)
+
+
+def _step_side_by_side(opt, params, ref, ref_params, grads, launches=None):
+    """The same grads into both optimizers, one step each; ``launches``: kernel launches."""
+    set_grads(params, grads)
+    set_grads(ref_params, grads)
+    before = kernels.launch_count()
+    opt.step()
+    if launches is not None:
+        assert kernels.launch_count() - before == launches
+    ref.step()
+
+
 def _skip(step, i):  # a handful of grads are None on each step, different ones each time
     return (i * 7 + step) % 11 != 0
 
@@ -56,12 +76,7 @@ def test_one_launch_per_step_for_150_tensors_in_3_groups(opt_name, kernel_device
     for step in range(2):
         grads = fresh_grads(params, step, skip=_skip)
         assert any(g is None for g in grads)
-        set_grads(params, grads)
-        set_grads(ref_params, grads)
-        before = kernels.launch_count()
-        opt.step()
-        assert kernels.launch_count() - before == 1
-        ref.step()
+        _step_side_by_side(opt, params, ref, ref_params, grads, launches=1)
         assert_states_close(opt, params, ref, ref_params, **TOL[torch.float32])
     assert len(opt._buckets) == 1
 
@@ -124,17 +139,10 @@ def test_cached_tables_are_reused(kernel_device):
 
 def test_new_grad_set_rebuilds(kernel_device):
     """When a param loses its grad the table must change (and the result stay right)."""
-    param_lists = _many_params(kernel_device, n=40)
-    ref_lists = clone_params(param_lists)
-    opt = fusedopt.AdamW(_adamw_groups(param_lists), backend="triton")
-    ref = fusedopt.AdamW(_adamw_groups(ref_lists), backend="reference")
-    params, ref_params = flat(param_lists), flat(ref_lists)
+    opt, params, ref, ref_params = _kernel_and_reference(kernel_device, n=40)
     for step, skip in enumerate((None, _skip, None)):
         grads = fresh_grads(params, step, skip=skip)
-        set_grads(params, grads)
-        set_grads(ref_params, grads)
-        opt.step()
-        ref.step()
+        _step_side_by_side(opt, params, ref, ref_params, grads, launches=1)
         live = sum(g is not None for g in grads)
         assert opt._buckets[0].num_tensors == live
         assert_states_close(opt, params, ref, ref_params, **TOL[torch.float32])
@@ -142,21 +150,14 @@ def test_new_grad_set_rebuilds(kernel_device):
 
 def test_moved_param_storage_rebuilds(kernel_device):
     """``p.data = ...`` moves a param's storage: the kernel must write the new storage."""
-    param_lists = _many_params(kernel_device, n=12)
-    ref_lists = clone_params(param_lists)
-    opt = fusedopt.AdamW(_adamw_groups(param_lists), backend="triton")
-    ref = fusedopt.AdamW(_adamw_groups(ref_lists), backend="reference")
-    params, ref_params = flat(param_lists), flat(ref_lists)
+    opt, params, ref, ref_params = _kernel_and_reference(kernel_device, n=12)
     for step in range(3):
         if step == 2:
             for p in params[::3]:
                 p.data = p.data.clone()
         grads = fresh_grads(params, step, skip=None)
-        set_grads(params, grads)
-        set_grads(ref_params, grads)
         before = [p.detach().clone() for p in params]
-        opt.step()
-        ref.step()
+        _step_side_by_side(opt, params, ref, ref_params, grads, launches=1)
         assert_states_close(opt, params, ref, ref_params, **TOL[torch.float32])
     assert any(not torch.equal(p, b) for p, b in zip(params[::3], before[::3]) if p.numel())
 
@@ -193,12 +194,7 @@ def test_param_retyped_through_data_is_regrouped(kernel_device):
     ref = torch.optim.Adam(twins, lr=0.1, foreach=False)
     for step in range(3):
         grads = fresh_grads(params, step, skip=None)
-        set_grads(params, grads)
-        set_grads(twins, grads)
-        before = kernels.launch_count()
-        opt.step()
-        assert kernels.launch_count() - before == 2
-        ref.step()
+        _step_side_by_side(opt, params, ref, twins, grads, launches=2)
     assert sorted(str(b.dtype) for b in opt._buckets) == ["torch.float32", "torch.float64"]
     assert_states_close(opt, params, ref, twins, **TOL[torch.float32])
 
