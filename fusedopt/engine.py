@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import importlib
+from collections import defaultdict
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -29,6 +30,50 @@ from torch import Tensor
 from fusedopt.backend import check_backend_name, resolve_backend
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class _WatchedDict(dict):
+    """A param's state dict that counts its changes, so that a state tensor replaced, added
+    or deleted by the user (a reset, an offload) makes the next step rebuild the cached
+    tables rather than keep updating tensors that are no longer the state. It pickles and
+    copies as a plain dict, so checkpoints stay torch.optim's."""
+
+    def __init__(self, changes: list[int], *args: Any):
+        super().__init__(*args)
+        self.changes = changes  # one counter shared by the optimizer's whole state
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+
+class _WatchedStates(defaultdict):
+    """``optimizer.state``: param -> :class:`_WatchedDict`, counting changes at both levels."""
+
+    def __init__(self, state: dict):
+        self.changes = [0]
+        super().__init__(lambda: _WatchedDict(self.changes))
+        for key, value in state.items():
+            dict.__setitem__(self, key, _WatchedDict(self.changes, value))
+
+    def __reduce__(self):
+        return defaultdict, (dict,), None, None, iter(self.items())
+
+
+def _counting(method_name: str) -> Callable:
+    base = getattr(dict, method_name)
+
+    def method(self, *args: Any, **kwargs: Any) -> Any:
+        self.changes[0] += 1
+        return base(self, *args, **kwargs)
+
+    method.__name__ = method_name
+    return method
+
+
+for _cls in (_WatchedDict, _WatchedStates):
+    for _name in ("__setitem__", "__delitem__", "__ior__", "clear", "pop", "popitem",
+                  "setdefault", "update"):
+        setattr(_cls, _name, _counting(_name))
 
 
 def _real(t: Tensor) -> Tensor:
@@ -112,6 +157,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         # torch's __init__ sets this for fused=True, which would make GradScaler hand step()
         # grad_scale/found_inf; this step does not take them, so GradScaler unscales first.
         self._step_supports_amp_scaling = False
+        self.state = _WatchedStates(self.state)
+        self._seen_state_changes = -1
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -123,6 +170,24 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise
         self._layout = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_backend_request": self._backend_request}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling (or deepcopy) restores torch's attributes; the engine's caches restart."""
+        super().__setstate__(state)
+        self._backend_request = state.get("_backend_request")
+        self._buckets = None
+        self._layout = None
+        self._record_engine()
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict, with each param's state a plain dict (as torch's own, so
+        that ``torch.load(weights_only=True)`` and torch.optim read it)."""
+        saved = super().state_dict()
+        saved["state"] = {key: dict(value) for key, value in saved["state"].items()}
+        return saved
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim's loader, after checking the state really is this optimizer's.
 
@@ -131,6 +196,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """
         self._check_loaded_state(state_dict)
         super().load_state_dict(state_dict)
+        self.state = _WatchedStates(self.state)
         self._layout = None
 
     def _check_loaded_state(self, state_dict: dict) -> None:
@@ -179,21 +245,30 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         groups = self.param_groups
         flags = [self._flags(g) for g in groups]
-        layout = tuple((id(g["params"]), len(g["params"]), tuple(f.values()))
+        if type(self.state) is not _WatchedStates:  # reassigned: by the user, or unpickled
+            self.state = _WatchedStates(self.state)
+        # A param replaced in its group's list, or state changed by the user: rebuild.
+        layout = tuple((tuple(map(id, g["params"])), tuple(f.values()))
                        for g, f in zip(groups, flags))
-        if layout != self._layout:
+        if layout != self._layout or self.state.changes[0] != self._seen_state_changes:
             self._buckets = self._make_buckets(flags)
             self._layout = layout
         try:
+            try:
+                for bucket in self._buckets:
+                    bucket.gather()
+            except _ParamsRegrouped:  # a param changed dtype or device through ``p.data``
+                self._buckets = self._make_buckets(flags)
+                for bucket in self._buckets:
+                    bucket.gather()
+        except BaseException:
             for bucket in self._buckets:
-                bucket.gather()
-        except _ParamsRegrouped:  # a param changed dtype or device through ``p.data``
-            self._buckets = self._make_buckets(flags)
-            for bucket in self._buckets:
-                bucket.gather()
+                bucket.pending = None  # do not keep this step's grads alive
+            raise
         hyper = [self._hyperparams(g) for g in groups]
         for bucket in self._buckets:
             bucket.run(hyper)
+        self._seen_state_changes = self.state.changes[0]  # our own state writes included
         return loss
 
     def _make_buckets(self, flags: list[dict[str, bool]]) -> list[_Bucket]:
@@ -229,6 +304,7 @@ class _Bucket:
         self.param_ptrs: list[int] | None = None
         self.present: list[bool] | None = None
         self.pending: tuple | None = None  # what gather() read, for run()
+        self.created: list[tuple[dict, str]] = []  # state entries made by _prepare, until run
 
     def gather(self) -> None:
         """Read this step's grads and check what is new; raises before anything changes.
@@ -261,22 +337,33 @@ class _Bucket:
         """Update every param of the bucket that has a grad: one kernel launch."""
         grads, grad_ptrs, param_ptrs, live = self.pending
         self.pending = None  # the grads are not kept alive past the step
-        if live is not None:
-            self._prepare(live, param_ptrs)
-        if not self.live:
-            return
-        if self.backend == "triton":
-            if grad_ptrs != self.grad_ptrs:
-                self._patch_grads(grads, grad_ptrs)
-            self._run_triton(grads, hyper)
-        else:
-            self._run_reference([grads[i] for i in self.live], hyper)
+        try:
+            if live is not None:
+                self._prepare(live, param_ptrs)
+            if not self.live:
+                return
+            if self.backend == "triton":
+                if grad_ptrs != self.grad_ptrs:
+                    self._patch_grads(grads, grad_ptrs)
+                self._run_triton(grads, hyper)
+            else:
+                self._run_reference([grads[i] for i in self.live], hyper)
+        except BaseException:
+            # Nothing ran (say, out of memory): forget the state this step created, so that
+            # a retry starts it afresh (SGD's first momentum step is not its later ones).
+            for state, name in self.created:
+                state.pop(name, None)
+            self.param_ptrs = None
+            raise
+        finally:
+            self.created = []
 
     # ---- shared preparation: state creation and checks -----------------------------------------
 
     def _prepare(self, live: list[int], param_ptrs: list[int]) -> None:
         """(Re)build everything that depends on which params have grads, and where params are."""
         self.live = live
+        self.created = []
         self.states: list[list[Tensor]] = []
         self.steps: list[Tensor | None] = []
         self.fresh: list[bool] = []
@@ -305,6 +392,7 @@ class _Bucket:
             if value is None:
                 value = torch.zeros_like(p, memory_format=torch.preserve_format)
                 fresh = True
+                self.created.append((state, name))
             elif value.stride() != p.stride():
                 # e.g. a contiguous state loaded for a channels_last param: same values,
                 # the param's layout, so that one flat index addresses both.
@@ -323,16 +411,18 @@ class _Bucket:
                     others = dict(state)
                     state.clear()
                     state.update(step=step, **others)
+                    self.created.append((state, "step"))
                 state["step"] = step
         return tensors, step, fresh
 
     def _check_inputs(self, live: list[int], grads: list[Tensor | None]) -> None:
-        """``grads[i]`` for ``i`` in ``live`` must be dense and match its param, and any state
-        the param already has must be in its dtype and on its device. Checked before any
-        bucket runs, so that an error changes nothing."""
+        """``grads[i]`` for ``i`` in ``live`` must be dense and match its param, the param must
+        still be dense, and any state it already has must match its dtype, shape and device.
+        Checked before any bucket runs, so that an error changes nothing."""
         owner = f"fusedopt.{type(self.opt).__name__}"
         for i in live:
             g, p = grads[i], self.params[i]
+            _check_param(p, owner)  # ``p.data`` may have been re-pointed since add_param_group
             if g.is_sparse or g.layout != torch.strided:
                 raise RuntimeError(f"{owner} does not support sparse gradients")
             if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
@@ -342,11 +432,14 @@ class _Bucket:
             state = self.opt.state.get(p, {})
             for name in self.state_names:
                 value = state.get(name)
-                if value is not None and (value.dtype != p.dtype or value.device != p.device):
+                if value is not None and (value.dtype != p.dtype or value.device != p.device
+                                          or value.shape != p.shape):
                     raise ValueError(
-                        f"state {name!r} is {value.dtype} on {value.device}, but its parameter "
-                        f"is {p.dtype} on {p.device}; fusedopt keeps state in the parameter's "
-                        "dtype and device (move the optimizer's state along with the model)")
+                        f"state {name!r} is {value.dtype} of shape {tuple(value.shape)} on "
+                        f"{value.device}, but its parameter is {p.dtype} of shape "
+                        f"{tuple(p.shape)} on {p.device}; fusedopt keeps state in the "
+                        "parameter's dtype, shape and device (move the optimizer's state "
+                        "along with the model)")
 
     # ---- reference backend --------------------------------------------------------------------
 
