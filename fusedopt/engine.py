@@ -174,9 +174,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         return {**super().__getstate__(), "_backend_request": self._backend_request}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickling (or deepcopy) restores torch's attributes; the engine's caches restart."""
-        super().__setstate__(state)
-        self._backend_request = state.get("_backend_request")
+        """Unpickling, deepcopy or load_state_dict: torch's attributes; the caches restart."""
+        super().__setstate__(state)  # also called by torch's load_state_dict, with 2 keys
+        self.__dict__.setdefault("_backend_request", None)
         self._buckets = None
         self._layout = None
         self._record_engine()
