@@ -32,7 +32,7 @@ DEFAULT_WORKLOADS = {
     ("cpu", True): ["flat", "small100"],
 }
 #: Flat sweep (log2 first, last, step) when --flat is not given.
-DEFAULT_FLAT = {("cuda", False): (12, 28, 2), ("cpu", False): (12, 22, 2),
+DEFAULT_FLAT = {("cuda", False): (12, 28, 2), ("cpu", False): (12, 21, 3),
                 ("cuda", True): (12, 28, 4), ("cpu", True): (12, 20, 4)}  # fmt: skip
 DEFAULT_DTYPES = {"cuda": ["fp32", "bf16"], "cpu": ["fp32"]}
 FALLBACK_OPTIMIZERS = ["Adam", "AdamW", "SGD"]

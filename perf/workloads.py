@@ -20,7 +20,7 @@ from dataclasses import dataclass
 Shape = tuple[int, ...]
 
 #: Default log2 range of the flat sweep, (first, last, step), per device.
-FLAT_RANGE = {"cuda": (12, 28, 2), "cpu": (12, 22, 2)}
+FLAT_RANGE = {"cuda": (12, 28, 2), "cpu": (12, 21, 3)}
 
 
 @dataclass(frozen=True)
