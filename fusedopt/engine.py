@@ -9,7 +9,9 @@ An optimizer is a small spec (see :class:`FusedOptimizer`); this module does the
    only compares pointer lists and re-uploads what changed: the grad column after
    ``zero_grad(set_to_none=True)`` gave new grads, the hyperparameter rows after a scheduler
    changed lr. A full rebuild happens when the set of params with grads changes, a param's
-   storage moves, or after ``add_param_group`` / ``load_state_dict``.
+   storage moves, a param is replaced in its group, the user changes ``optimizer.state``, or
+   after ``add_param_group`` / ``load_state_dict``. Every bucket checks its inputs before any
+   bucket updates anything, so an error leaves params and state as they were.
 3. **Backends.** ``triton`` launches :func:`fusedopt.kernels.launch`; ``reference`` loops over the
    tensors with the readable functions of :mod:`fusedopt.reference`. Both share everything above,
    state creation included, so they differ only in who does the arithmetic.
@@ -74,6 +76,7 @@ for _cls in (_WatchedDict, _WatchedStates):
     for _name in ("__setitem__", "__delitem__", "__ior__", "clear", "pop", "popitem",
                   "setdefault", "update"):
         setattr(_cls, _name, _counting(_name))
+del _cls, _name
 
 
 def _real(t: Tensor) -> Tensor:
@@ -246,7 +249,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         groups = self.param_groups
         flags = [self._flags(g) for g in groups]
         if type(self.state) is not _WatchedStates:  # reassigned: by the user, or unpickled
-            self.state = _WatchedStates(self.state)
+            self._record_engine()
         # A param replaced in its group's list, or state changed by the user: rebuild.
         layout = tuple((tuple(map(id, g["params"])), tuple(f.values()))
                        for g, f in zip(groups, flags))
