@@ -198,9 +198,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         ValueError before anything is changed.
         """
         self._check_loaded_state(state_dict)
-        super().load_state_dict(state_dict)
-        self.state = _WatchedStates(self.state)
-        self._layout = None
+        super().load_state_dict(state_dict)  # ends in __setstate__, which restarts the caches
 
     def _check_loaded_state(self, state_dict: dict) -> None:
         owner = f"fusedopt.{type(self).__name__}"
@@ -325,11 +323,12 @@ class _Bucket:
             self._check_inputs([i for i, g in enumerate(grads) if g is not None], grads)
             raise
         param_ptrs = [p.data_ptr() for p in self.params]
-        if param_ptrs != self.param_ptrs and any(
-                p.device != self.device or _real(p).dtype != self.dtype for p in self.params):
+        moved = param_ptrs != self.param_ptrs
+        if moved and any(p.device != self.device or _real(p).dtype != self.dtype
+                         for p in self.params):
             raise _ParamsRegrouped
         live = None  # set when the tables must be rebuilt: which params have grads
-        if param_ptrs != self.param_ptrs or (
+        if moved or (
                 grad_ptrs != self.grad_ptrs
                 and [ptr != -1 for ptr in grad_ptrs] != self.present):
             live = [i for i, ptr in enumerate(grad_ptrs) if ptr != -1]

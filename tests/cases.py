@@ -268,6 +268,17 @@ def snapshot(opt: torch.optim.Optimizer) -> dict:
     return copy.deepcopy(opt.state_dict())
 
 
+def snapshot_all(opt: torch.optim.Optimizer, params) -> tuple[dict, list[torch.Tensor]]:
+    """The optimizer's state_dict and the params' values, to check nothing changed."""
+    return snapshot(opt), [p.detach().clone() for p in params]
+
+
+def assert_unchanged(opt: torch.optim.Optimizer, params, before: tuple) -> None:
+    state, values = before
+    assert_snapshots_equal(snapshot(opt), state)
+    assert all(torch.equal(p, v) for p, v in zip(params, values, strict=True))
+
+
 def assert_snapshots_equal(a: dict, b: dict) -> None:
     assert a["param_groups"] == b["param_groups"] or _groups_equal(a, b)
     assert list(a["state"]) == list(b["state"])

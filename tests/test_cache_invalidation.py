@@ -6,7 +6,14 @@ import pickle
 
 import pytest
 import torch
-from cases import TOL, assert_states_close, fresh_grads, set_grads
+from cases import (
+    TOL,
+    assert_states_close,
+    assert_unchanged,
+    fresh_grads,
+    set_grads,
+    snapshot_all,
+)
 
 import fusedopt
 from fusedopt import kernels
@@ -93,28 +100,16 @@ def test_param_replaced_in_its_group(backend_device):
     assert_states_close(opt, params, ref, twins, **TOL[torch.float32])
 
 
-def _assert_unchanged(opt, params, snapshot):
-    values, states = snapshot
-    assert all(torch.equal(p, v) for p, v in zip(params, values))
-    for p, state in zip(params, states):
-        assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
-
-
-def _snapshot(opt, params):
-    return ([p.detach().clone() for p in params],
-            [{k: v.clone() for k, v in opt.state[p].items()} for p in params])
-
-
 def test_param_re_pointed_to_a_strided_view_is_refused(backend_device):
     backend, device = backend_device
     opt, params, ref, twins = _pair(fusedopt.AdamW, torch.optim.AdamW, backend, device)
     _steps(opt, params, ref, twins, range(1))
     params[0].data = torch.randn(128, device=device)[::2]  # 64 elements with gaps
     set_grads(params, fresh_grads(params, 1, skip=None))
-    snapshot = _snapshot(opt, params)
+    before = snapshot_all(opt, params)
     with pytest.raises(ValueError, match="dense"):
         opt.step()
-    _assert_unchanged(opt, params, snapshot)
+    assert_unchanged(opt, params, before)
 
 
 def test_param_resized_after_its_state_exists_is_refused(backend_device):
@@ -124,10 +119,10 @@ def test_param_resized_after_its_state_exists_is_refused(backend_device):
     _steps(opt, params, ref, twins, range(1))
     params[1].data = torch.cat([params[1].data, params[1].data])  # (16, 8)
     set_grads(params, fresh_grads(params, 1, skip=None))
-    snapshot = _snapshot(opt, params[:1] + params[2:])
+    before = snapshot_all(opt, params)
     with pytest.raises(ValueError, match=r"'exp_avg' is .* of shape \(8, 8\)"):
         opt.step()
-    _assert_unchanged(opt, params[:1] + params[2:], snapshot)
+    assert_unchanged(opt, params, before)
 
 
 def test_failed_step_is_retried_like_a_first_step(kernel_device, monkeypatch):

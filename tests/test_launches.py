@@ -6,7 +6,16 @@ them with torch.profiler)."""
 
 import pytest
 import torch
-from cases import TOL, assert_states_close, clone_params, flat, fresh_grads, set_grads
+from cases import (
+    TOL,
+    assert_states_close,
+    assert_unchanged,
+    clone_params,
+    flat,
+    fresh_grads,
+    set_grads,
+    snapshot_all,
+)
 
 import fusedopt
 from fusedopt import kernels
@@ -174,12 +183,10 @@ def test_grad_not_matching_its_moved_param_raises_before_any_update(kernel_devic
     opt.step()
     params[2].data = params[2].data.clone()
     params[1].data = params[1].data.double()  # its grad stays float32
-    values = [p.detach().clone() for p in params]
-    state = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    before = snapshot_all(opt, params)
     with pytest.raises(RuntimeError, match="grad is torch.float32"):
         opt.step()
-    assert all(torch.equal(p, v) for p, v in zip(params, values))
-    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state.items())
+    assert_unchanged(opt, params, before)
 
 
 def test_param_retyped_through_data_is_regrouped(kernel_device):
@@ -208,9 +215,7 @@ def test_param_retyped_after_its_state_exists_raises_before_any_update(kernel_de
     params[2].data = params[2].data.double()  # its exp_avg/exp_avg_sq stay float32
     for p in params:
         p.grad = torch.randn_like(p)
-    values = [p.detach().clone() for p in params]
-    state = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    before = snapshot_all(opt, params)
     with pytest.raises(ValueError, match="'exp_avg' is torch.float32"):
         opt.step()
-    assert all(torch.equal(p, v) for p, v in zip(params, values))
-    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state.items())
+    assert_unchanged(opt, params, before)
