@@ -474,22 +474,13 @@ class _Bucket:
             columns["NUMEL"][k] = _real(p).numel()
             columns["GROUP"][k] = self.group_of[i]
             columns["FRESH"][k] = int(self.fresh[k])
-        numels = columns["NUMEL"]
         table = torch.tensor([columns[name] for name in kernels.COLUMNS], dtype=torch.int64)
         self.param_strides = [self.params[i].stride() for i in self.live]
         self.params_contiguous = all(self.params[i].is_contiguous() for i in self.live)
         self.table = table.to(self.device)
         self.num_tensors = n
         self.cols = {name: i for i, name in enumerate(kernels.COLUMNS)}
-        # The work list: one (tensor, first element) per chunk; an empty tensor still gets one
-        # chunk, so that its step advances as torch's does.
-        numel = torch.tensor(numels, dtype=torch.int64)
-        chunks = torch.clamp((numel + kernels.CHUNK - 1) // kernels.CHUNK, min=1)
-        tensor_of = torch.repeat_interleave(torch.arange(n), chunks)
-        first_chunk = torch.cumsum(chunks, 0) - chunks
-        starts = (torch.arange(len(tensor_of)) - first_chunk[tensor_of]) * kernels.CHUNK
-        self.work = torch.stack([tensor_of, starts], dim=1).contiguous().to(self.device)
-        self.num_work = len(tensor_of)
+        self.work, self.num_work = kernels.work_list(columns["NUMEL"], self.device)
         self.done_counts = torch.zeros(n, dtype=torch.int32, device=self.device)
         self.grad_copies: dict[int, Tensor] = {}  # grads whose strides differ from the param's
         self.hyper_rows: list[tuple[float, ...]] | None = None

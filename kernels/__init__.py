@@ -9,6 +9,7 @@ from fusedopt.kernels.skeleton import (
     COLUMNS,
     launch,
     launch_count,
+    work_list,
 )
 
-__all__ = ["CHUNK", "COLUMNS", "launch", "launch_count"]
+__all__ = ["CHUNK", "COLUMNS", "launch", "launch_count", "work_list"]

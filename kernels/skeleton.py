@@ -56,6 +56,18 @@ _TL_DTYPES = {
 _launches = 0
 
 
+def work_list(numels: list[int], device: torch.device) -> tuple[torch.Tensor, int]:
+    """The chunk schedule of a tensor table: ``int64[num_work, 2]`` rows of (tensor index,
+    first element), one per CHUNK elements. An empty tensor still gets one chunk, so that the
+    per-tensor work a kernel does once (advancing ``step``) happens for it too."""
+    numel = torch.tensor(numels, dtype=torch.int64)
+    chunks = torch.clamp((numel + CHUNK - 1) // CHUNK, min=1)
+    tensor_of = torch.repeat_interleave(torch.arange(len(numels)), chunks)
+    first_chunk = torch.cumsum(chunks, 0) - chunks
+    starts = (torch.arange(len(tensor_of)) - first_chunk[tensor_of]) * CHUNK
+    return torch.stack([tensor_of, starts], dim=1).contiguous().to(device), len(tensor_of)
+
+
 def launch_count() -> int:
     """How many multi-tensor kernels this process has launched (tests count launches per step)."""
     return _launches
