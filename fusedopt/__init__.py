@@ -5,8 +5,21 @@
 
 from fusedopt.backend import BACKENDS, resolve_backend
 from fusedopt.engine import FusedOptimizer
-from fusedopt.optimizers import SGD, Adam, AdamW
+from fusedopt.optimizers import (
+    LAMB,
+    SGD,
+    Adadelta,
+    Adagrad,
+    Adam,
+    Adamax,
+    AdamW,
+    Lion,
+    NAdam,
+    RAdam,
+    RMSprop,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["Adam", "AdamW", "SGD", "FusedOptimizer", "BACKENDS", "resolve_backend"]
+__all__ = ["Adam", "AdamW", "SGD", "Adagrad", "Adadelta", "RMSprop", "NAdam", "RAdam", "Adamax",
+           "Lion", "LAMB", "FusedOptimizer", "BACKENDS", "resolve_backend"]

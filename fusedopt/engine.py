@@ -116,12 +116,31 @@ class FusedOptimizer(torch.optim.Optimizer):
     * ``uses_step``: whether it keeps a per-parameter ``state["step"]``;
     * ``_hyperparams(group)``: the numbers the update reads, in the kernel's order;
     * ``_flags(group)``: at most three booleans, the kernel's constexpr variants;
-    * ``_state_names(flags)``: its state tensors, in the kernel's order.
+    * ``_state_names(flags)``: its state tensors (at most three), in the kernel's order;
+    * ``_state_init(name, group)``: the value a new state tensor starts at (default 0).
+
+    Optional, for optimizers that need more than an element-wise map per step:
+
+    * ``scalar_state``: (key, initial value, kernel function) of one more per-parameter scalar
+      state, which the kernel function advances once per step (NAdam's ``mu_product``); the
+      reference update receives it as a keyword, a 0-dim tensor to update in place;
+    * ``kernel_terms``: a ``@triton.jit`` function of two element-wise terms that one launch
+      sums per tensor before the update launch, which reads the sums (LAMB's norms).
     """
 
     kernel_update: str
     reference_update: Callable[..., None]
     uses_step: bool = False
+    scalar_state: tuple[str, float, str] | None = None
+    kernel_terms: str | None = None
+
+    @property
+    def launches_per_step(self) -> int:
+        """Kernel launches per step for each (device, dtype, variant) bucket."""
+        return 2 if self.kernel_terms else 1
+
+    def _state_init(self, name: str, group: dict) -> float:
+        return 0.0
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
         raise NotImplementedError
@@ -218,7 +237,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             except KeyError as e:
                 raise ValueError(f"loaded state dict has a parameter group without {e}: it was "
                                  f"not saved by {owner} or its torch.optim twin") from None
-            required = (("step",) if self.uses_step else ()) + names
+            required = self._scalar_names() + names
             for param_id, p in zip(saved["params"], group["params"]):
                 state = saved_state.get(param_id)
                 if not state:
@@ -271,6 +290,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             bucket.run(hyper)
         self._seen_state_changes = self.state.changes[0]  # our own state writes included
         return loss
+
+    def _scalar_names(self) -> tuple[str, ...]:
+        """The per-parameter 0-dim state, first in torch's key order: step, then the spec's."""
+        return ((("step",) if self.uses_step else ())
+                + ((self.scalar_state[0],) if self.scalar_state else ()))
 
     def _make_buckets(self, flags: list[dict[str, bool]]) -> list[_Bucket]:
         members: dict[tuple, list[tuple[Tensor, int]]] = {}
@@ -367,12 +391,12 @@ class _Bucket:
         self.live = live
         self.created = []
         self.states: list[list[Tensor]] = []
-        self.steps: list[Tensor | None] = []
+        self.scalars: list[dict[str, Tensor]] = []
         self.fresh: list[bool] = []
         for i in self.live:
-            states, step, fresh = self._state_of(self.params[i])
+            states, scalars, fresh = self._state_of(self.params[i], self.group_of[i])
             self.states.append(states)
-            self.steps.append(step)
+            self.scalars.append(scalars)
             self.fresh.append(fresh)
         self.param_ptrs = param_ptrs
         self.present = [False] * len(self.params)
@@ -382,17 +406,25 @@ class _Bucket:
         if self.backend == "triton":
             self._build_tables()
 
-    def _state_of(self, p: Tensor) -> tuple[list[Tensor], Tensor | None, bool]:
-        """The state tensors of ``p`` in kernel order, created (zeros) where missing."""
-        if not self.state_names and not self.opt.uses_step:
-            return [], None, False  # e.g. SGD without momentum: torch keeps no state either
-        state = self.opt.state[p]
+    def _state_of(self, p: Tensor, group_index: int
+                  ) -> tuple[list[Tensor], dict[str, Tensor], bool]:
+        """The state tensors of ``p`` in kernel order, its 0-dim scalar states by name, and
+        whether a state tensor was just created (at ``_state_init``, as torch creates it)."""
+        opt = self.opt
+        scalar_names = opt._scalar_names()
+        if not self.state_names and not scalar_names:
+            return [], {}, False  # e.g. SGD without momentum: torch keeps no state either
+        state = opt.state[p]
+        group = opt.param_groups[group_index]
         fresh = False
         tensors = []
         for name in self.state_names:
             value = state.get(name)
             if value is None:
-                value = torch.zeros_like(p, memory_format=torch.preserve_format)
+                init = opt._state_init(name, group)
+                value = (torch.full_like(p, complex(init, init) if p.is_complex() else init,
+                                         memory_format=torch.preserve_format)
+                         if init else torch.zeros_like(p, memory_format=torch.preserve_format))
                 fresh = True
                 self.created.append((state, name))
             elif value.stride() != p.stride():
@@ -401,21 +433,28 @@ class _Bucket:
                 value = torch.empty_like(p).copy_(value)
             state[name] = value
             tensors.append(value)
-        step = None
-        if self.opt.uses_step:
-            step = state.get("step")
-            if (not isinstance(step, Tensor) or step.dtype != torch.float32
-                    or step.device != p.device or step.dim() != 0):
-                # torch keeps step on the CPU unless fused; here the kernel reads and writes it.
-                step = torch.tensor(float(step if step is not None else 0.0),
-                                    dtype=torch.float32, device=p.device)
-                if "step" not in state:  # torch's key order: step first
-                    others = dict(state)
-                    state.clear()
-                    state.update(step=step, **others)
-                    self.created.append((state, "step"))
-                state["step"] = step
-        return tensors, step, fresh
+        scalars = {}
+        initial = {"step": 0.0, **({opt.scalar_state[0]: opt.scalar_state[1]}
+                                   if opt.scalar_state else {})}
+        for name in scalar_names:
+            value = state.get(name)
+            if (not isinstance(value, Tensor) or value.dtype != torch.float32
+                    or value.device != p.device or value.dim() != 0):
+                # torch keeps these on the CPU unless fused; here the kernel reads and writes
+                # them, so they live next to the param (as torch's fused and capturable do).
+                value = torch.tensor(float(value if value is not None else initial[name]),
+                                     dtype=torch.float32, device=p.device)
+                if name not in state:
+                    self.created.append((state, name))
+                state[name] = value
+            scalars[name] = value
+        order = [k for k in (*scalar_names, *self.state_names) if k in state]
+        if list(state)[:len(order)] != order:  # torch's key order: step first, and so on
+            others = {k: v for k, v in state.items() if k not in order}
+            entries = {k: state[k] for k in order}
+            state.clear()
+            state.update(entries, **others)
+        return tensors, scalars, fresh
 
     def _check_inputs(self, live: list[int], grads: list[Tensor | None]) -> None:
         """``grads[i]`` for ``i`` in ``live`` must be dense and match its param, the param must
@@ -447,12 +486,14 @@ class _Bucket:
 
     def _run_reference(self, grads: list[Tensor], hyper: list[dict[str, float]]) -> None:
         update = self.opt.reference_update
+        aux_name = self.opt.scalar_state[0] if self.opt.scalar_state else None
         for k, (i, grad) in enumerate(zip(self.live, grads)):
-            step = self.steps[k]
+            step = self.scalars[k].get("step")
             if step is not None:
                 step.add_(1)
+            aux = {aux_name: self.scalars[k][aux_name]} if aux_name else {}
             update(_real(self.params[i]), _real(grad), *(_real(s) for s in self.states[k]),
-                   step=None if step is None else step.item(), fresh=self.fresh[k],
+                   step=None if step is None else step.item(), fresh=self.fresh[k], **aux,
                    **hyper[self.group_of[i]], **self.flags)
         self.fresh = [False] * len(self.fresh)
 
@@ -469,8 +510,10 @@ class _Bucket:
             columns["PARAM"][k] = p.data_ptr()
             for j, s in enumerate(self.states[k]):
                 columns[f"STATE{j}"][k] = s.data_ptr()
-            if self.steps[k] is not None:
-                columns["STEP"][k] = self.steps[k].data_ptr()
+            if "step" in self.scalars[k]:
+                columns["STEP"][k] = self.scalars[k]["step"].data_ptr()
+            if self.opt.scalar_state:
+                columns["AUX"][k] = self.scalars[k][self.opt.scalar_state[0]].data_ptr()
             columns["NUMEL"][k] = _real(p).numel()
             columns["GROUP"][k] = self.group_of[i]
             columns["FRESH"][k] = int(self.fresh[k])
@@ -484,8 +527,16 @@ class _Bucket:
         self.done_counts = torch.zeros(n, dtype=torch.int32, device=self.device)
         self.grad_copies: dict[int, Tensor] = {}  # grads whose strides differ from the param's
         self.hyper_rows: list[tuple[float, ...]] | None = None
-        self.update = getattr(importlib.import_module("fusedopt.kernels.updates"),
-                              self.opt.kernel_update)
+        updates = importlib.import_module("fusedopt.kernels.updates")
+        self.update = getattr(updates, self.opt.kernel_update)
+        self.advance_aux = (getattr(updates, self.opt.scalar_state[2])
+                            if self.opt.scalar_state else None)
+        self.terms = getattr(updates, self.opt.kernel_terms) if self.opt.kernel_terms else None
+        # Per-tensor sums of the terms, in the opmath dtype; the update launch re-zeroes them.
+        self.sums = (torch.zeros(n, 2, device=self.device,
+                                 dtype=torch.float64 if self.dtype == torch.float64
+                                 else torch.float32)
+                     if self.terms is not None else None)
 
     def _upload_column(self, name: str, values: list[int]) -> None:
         # array -> frombuffer is ~10x faster than torch.tensor(list) for thousands of ints, and
@@ -507,7 +558,8 @@ class _Bucket:
                 self.update, tuple(self.flags.values()), num_states=len(self.state_names),
                 uses_step=self.opt.uses_step, dtype=self.dtype, tensors=self.table,
                 num_tensors=self.num_tensors, work=self.work, num_work=self.num_work,
-                hyper=self.hyper, done_counts=self.done_counts)
+                hyper=self.hyper, done_counts=self.done_counts, advance_aux=self.advance_aux,
+                terms=self.terms, sums=self.sums)
         if any(self.fresh):
             self.fresh = [False] * len(self.fresh)
             self._upload_column("FRESH", [0] * self.num_tensors)

@@ -14,6 +14,17 @@ from fusedopt import reference
 from fusedopt.engine import FusedOptimizer
 
 
+def _maximize(group: dict) -> bool:
+    return bool(group.get("maximize", False))
+
+
+def _adam_hyperparams(group: dict) -> dict[str, float]:
+    """lr, betas, eps and weight decay: the numbers the Adam family's kernels read first."""
+    beta1, beta2 = group["betas"]
+    return {"lr": float(group["lr"]), "beta1": float(beta1), "beta2": float(beta2),
+            "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"])}
+
+
 class _AdamSpec(FusedOptimizer):
     """Adam and AdamW share one update; AdamW only decouples weight decay."""
 
@@ -23,12 +34,10 @@ class _AdamSpec(FusedOptimizer):
     _decoupled_default = False
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
-        beta1, beta2 = group["betas"]
-        return {"lr": float(group["lr"]), "beta1": float(beta1), "beta2": float(beta2),
-                "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"])}
+        return _adam_hyperparams(group)
 
     def _flags(self, group: dict) -> dict[str, bool]:
-        return {"maximize": bool(group.get("maximize", False)),
+        return {"maximize": _maximize(group),
                 "amsgrad": bool(group.get("amsgrad", False)),
                 "decoupled_weight_decay": bool(group.get("decoupled_weight_decay",
                                                          self._decoupled_default))}
@@ -110,9 +119,315 @@ class SGD(FusedOptimizer, torch.optim.SGD):
                 "weight_decay": float(group["weight_decay"])}
 
     def _flags(self, group: dict) -> dict[str, bool]:
-        return {"maximize": bool(group.get("maximize", False)),
+        return {"maximize": _maximize(group),
                 "has_momentum": group["momentum"] != 0,
                 "nesterov": bool(group["nesterov"])}
 
     def _state_names(self, flags: dict[str, bool]) -> tuple[str, ...]:
         return ("momentum_buffer",) if flags["has_momentum"] else ()
+
+
+class Adagrad(FusedOptimizer, torch.optim.Adagrad):
+    """torch.optim.Adagrad, one fused multi-tensor launch per step.
+
+    Same arguments as :class:`torch.optim.Adagrad`, plus ``backend`` (see :class:`Adam`).
+    Dense gradients only. See :func:`fusedopt.reference.adagrad` for the math.
+    """
+
+    kernel_update = "adagrad"
+    reference_update = staticmethod(reference.adagrad)
+    uses_step = True
+
+    def __init__(self, params, lr: float | Tensor = 1e-2, lr_decay: float = 0,
+                 weight_decay: float = 0, initial_accumulator_value: float = 0,
+                 eps: float = 1e-10, foreach: bool | None = None, *, maximize: bool = False,
+                 differentiable: bool = False, fused: bool | None = None,
+                 backend: str | None = None):
+        self._init_engine(backend, foreach=foreach, fused=fused, differentiable=differentiable)
+        super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps,
+                         foreach, maximize=maximize, differentiable=differentiable, fused=fused)
+        self._record_engine()
+
+    def _hyperparams(self, group: dict) -> dict[str, float]:
+        return {"lr": float(group["lr"]), "lr_decay": float(group["lr_decay"]),
+                "weight_decay": float(group["weight_decay"]), "eps": float(group["eps"])}
+
+    def _flags(self, group: dict) -> dict[str, bool]:
+        return {"maximize": _maximize(group)}
+
+    def _state_names(self, flags: dict[str, bool]) -> tuple[str, ...]:
+        return ("sum",)
+
+    def _state_init(self, name: str, group: dict) -> float:
+        # torch starts every param's sum there, whatever its group (it reads self.defaults)
+        return float(self.defaults["initial_accumulator_value"])
+
+
+class Adadelta(FusedOptimizer, torch.optim.Adadelta):
+    """torch.optim.Adadelta, one fused multi-tensor launch per step.
+
+    Same arguments as :class:`torch.optim.Adadelta`, plus ``backend`` (see :class:`Adam`).
+    See :func:`fusedopt.reference.adadelta` for the math.
+    """
+
+    kernel_update = "adadelta"
+    reference_update = staticmethod(reference.adadelta)
+    uses_step = True
+
+    def __init__(self, params, lr: float | Tensor = 1.0, rho: float = 0.9, eps: float = 1e-6,
+                 weight_decay: float = 0, foreach: bool | None = None, *,
+                 capturable: bool = False, maximize: bool = False,
+                 differentiable: bool = False, backend: str | None = None):
+        self._init_engine(backend, foreach=foreach, capturable=capturable,
+                          differentiable=differentiable)
+        super().__init__(params, lr, rho, eps, weight_decay, foreach, capturable=capturable,
+                         maximize=maximize, differentiable=differentiable)
+        self._record_engine()
+
+    def _hyperparams(self, group: dict) -> dict[str, float]:
+        return {"lr": float(group["lr"]), "rho": float(group["rho"]),
+                "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"])}
+
+    def _flags(self, group: dict) -> dict[str, bool]:
+        return {"maximize": _maximize(group)}
+
+    def _state_names(self, flags: dict[str, bool]) -> tuple[str, ...]:
+        return ("square_avg", "acc_delta")
+
+
+class RMSprop(FusedOptimizer, torch.optim.RMSprop):
+    """torch.optim.RMSprop (momentum, centered), one fused multi-tensor launch per step.
+
+    Same arguments as :class:`torch.optim.RMSprop`, plus ``backend`` (see :class:`Adam`).
+    See :func:`fusedopt.reference.rmsprop` for the math.
+    """
+
+    kernel_update = "rmsprop"
+    reference_update = staticmethod(reference.rmsprop)
+    uses_step = True
+
+    def __init__(self, params, lr: float | Tensor = 1e-2, alpha: float = 0.99,
+                 eps: float = 1e-8, weight_decay: float = 0, momentum: float = 0,
+                 centered: bool = False, capturable: bool = False,
+                 foreach: bool | None = None, maximize: bool = False,
+                 differentiable: bool = False, *, backend: str | None = None):
+        self._init_engine(backend, foreach=foreach, capturable=capturable,
+                          differentiable=differentiable)
+        super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable,
+                         foreach, maximize, differentiable)
+        self._record_engine()
+
+    def _hyperparams(self, group: dict) -> dict[str, float]:
+        return {"lr": float(group["lr"]), "alpha": float(group["alpha"]),
+                "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"]),
+                "momentum": float(group["momentum"])}
+
+    def _flags(self, group: dict) -> dict[str, bool]:
+        return {"maximize": _maximize(group), "has_momentum": group["momentum"] > 0,
+                "centered": bool(group["centered"])}
+
+    def _state_names(self, flags: dict[str, bool]) -> tuple[str, ...]:
+        return (("square_avg",) + (("momentum_buffer",) if flags["has_momentum"] else ())
+                + (("grad_avg",) if flags["centered"] else ()))
+
+
+class NAdam(FusedOptimizer, torch.optim.NAdam):
+    """torch.optim.NAdam, one fused multi-tensor launch per step.
+
+    Same arguments as :class:`torch.optim.NAdam`, plus ``backend`` (see :class:`Adam`).
+    ``mu_product`` is advanced on the device, in float32 next to ``step``.
+    See :func:`fusedopt.reference.nadam` for the math.
+    """
+
+    kernel_update = "nadam"
+    reference_update = staticmethod(reference.nadam)
+    uses_step = True
+    scalar_state = ("mu_product", 1.0, "nadam_mu_product")
+
+    def __init__(self, params, lr: float | Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, momentum_decay: float = 4e-3,
+                 decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
+                 maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, backend: str | None = None):
+        self._init_engine(backend, foreach=foreach, capturable=capturable,
+                          differentiable=differentiable)
+        super().__init__(params, lr, betas, eps, weight_decay, momentum_decay,
+                         decoupled_weight_decay, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable)
+        self._record_engine()
+
+    def _hyperparams(self, group: dict) -> dict[str, float]:
+        return {**_adam_hyperparams(group), "momentum_decay": float(group["momentum_decay"])}
+
+    def _flags(self, group: dict) -> dict[str, bool]:
+        return {"maximize": _maximize(group),
+                "decoupled_weight_decay": bool(group["decoupled_weight_decay"])}
+
+    def _state_names(self, flags: dict[str, bool]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+
+class RAdam(FusedOptimizer, torch.optim.RAdam):
+    """torch.optim.RAdam (rectified Adam), one fused multi-tensor launch per step.
+
+    Same arguments as :class:`torch.optim.RAdam`, plus ``backend`` (see :class:`Adam`).
+    See :func:`fusedopt.reference.radam` for the math.
+    """
+
+    kernel_update = "radam"
+    reference_update = staticmethod(reference.radam)
+    uses_step = True
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0,
+                 decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
+                 maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, backend: str | None = None):
+        self._init_engine(backend, foreach=foreach, capturable=capturable,
+                          differentiable=differentiable)
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay,
+                         foreach=foreach, maximize=maximize, capturable=capturable,
+                         differentiable=differentiable)
+        self._record_engine()
+
+    def _hyperparams(self, group: dict) -> dict[str, float]:
+        return _adam_hyperparams(group)
+
+    def _flags(self, group: dict) -> dict[str, bool]:
+        return {"maximize": _maximize(group),
+                "decoupled_weight_decay": bool(group["decoupled_weight_decay"])}
+
+    def _state_names(self, flags: dict[str, bool]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+
+class Adamax(FusedOptimizer, torch.optim.Adamax):
+    """torch.optim.Adamax, one fused multi-tensor launch per step.
+
+    Same arguments as :class:`torch.optim.Adamax`, plus ``backend`` (see :class:`Adam`).
+    See :func:`fusedopt.reference.adamax` for the math.
+    """
+
+    kernel_update = "adamax"
+    reference_update = staticmethod(reference.adamax)
+    uses_step = True
+
+    def __init__(self, params, lr: float | Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, foreach: bool | None = None, *,
+                 maximize: bool = False, differentiable: bool = False,
+                 capturable: bool = False, backend: str | None = None):
+        self._init_engine(backend, foreach=foreach, capturable=capturable,
+                          differentiable=differentiable)
+        super().__init__(params, lr, betas, eps, weight_decay, foreach, maximize=maximize,
+                         differentiable=differentiable, capturable=capturable)
+        self._record_engine()
+
+    def _hyperparams(self, group: dict) -> dict[str, float]:
+        return _adam_hyperparams(group)
+
+    def _flags(self, group: dict) -> dict[str, bool]:
+        return {"maximize": _maximize(group)}
+
+    def _state_names(self, flags: dict[str, bool]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_inf")
+
+
+def _check_common(lr, betas, weight_decay) -> None:
+    """torch.optim's checks and messages, for the optimizers torch does not have."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+class Lion(FusedOptimizer):
+    r"""Lion, "EvoLved Sign Momentum" (Chen et al., 2023, "Symbolic Discovery of Optimization
+    Algorithms", Algorithm 2), one fused multi-tensor launch per step.
+
+    .. math::
+        c_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t \\
+        \theta_t &= \theta_{t-1} - \eta\,(\mathrm{sign}(c_t) + \lambda\theta_{t-1}) \\
+        m_t &= \beta_2 m_{t-1} + (1-\beta_2) g_t
+
+    Args: ``lr`` (default 1e-4, the paper suggests 3-10x smaller than AdamW's), ``betas``
+    (default (0.9, 0.99)), ``weight_decay`` (decoupled, default 0; the paper suggests 3-10x
+    AdamW's), ``maximize``, ``backend`` (see :class:`Adam`). State: ``exp_avg``.
+    """
+
+    kernel_update = "lion"
+    reference_update = staticmethod(reference.lion)
+
+    def __init__(self, params, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, maximize: bool = False,
+                 backend: str | None = None):
+        self._init_engine(backend)
+        _check_common(lr, betas, weight_decay)
+        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay,
+                    "maximize": maximize}
+        super().__init__(params, defaults)
+        self._record_engine()
+
+    def _hyperparams(self, group: dict) -> dict[str, float]:
+        beta1, beta2 = group["betas"]
+        return {"lr": float(group["lr"]), "beta1": float(beta1), "beta2": float(beta2),
+                "weight_decay": float(group["weight_decay"])}
+
+    def _flags(self, group: dict) -> dict[str, bool]:
+        return {"maximize": _maximize(group)}
+
+    def _state_names(self, flags: dict[str, bool]) -> tuple[str, ...]:
+        return ("exp_avg",)
+
+
+class LAMB(FusedOptimizer):
+    r"""LAMB, layer-wise adaptive moments (You et al., 2019, "Large Batch Optimization for Deep
+    Learning: Training BERT in 76 minutes", Algorithm 2), two multi-tensor launches per step.
+
+    .. math::
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        \hat m_t &= m_t / (1-\beta_1^t), \quad \hat v_t = v_t / (1-\beta_2^t)
+        \quad\text{(if bias\_correction)} \\
+        u_t &= \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon} + \lambda\theta_{t-1}, \quad
+        \theta_t = \theta_{t-1} - \eta\,\frac{\|\theta_{t-1}\|}{\|u_t\|}\,u_t
+
+    with the trust ratio taken per tensor, and 1 where either norm is 0. The first launch sums
+    ``||theta||^2`` and ``||u||^2`` for every tensor at once; the second applies the update.
+
+    Args: ``lr`` (1e-3), ``betas`` ((0.9, 0.999)), ``eps`` (1e-6), ``weight_decay`` (0.01,
+    as NVIDIA apex's and timm's LAMB), ``bias_correction`` (True), ``maximize``, ``backend``.
+    State: ``step``, ``exp_avg``, ``exp_avg_sq``.
+    """
+
+    kernel_update = "lamb"
+    kernel_terms = "lamb_norms"
+    reference_update = staticmethod(reference.lamb)
+    uses_step = True
+
+    def __init__(self, params, lr: float | Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.01, bias_correction: bool = True, *,
+                 maximize: bool = False, backend: str | None = None):
+        self._init_engine(backend)
+        _check_common(lr, betas, weight_decay)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                    "bias_correction": bias_correction, "maximize": maximize}
+        super().__init__(params, defaults)
+        self._record_engine()
+
+    def _hyperparams(self, group: dict) -> dict[str, float]:
+        return _adam_hyperparams(group)
+
+    def _flags(self, group: dict) -> dict[str, bool]:
+        return {"maximize": _maximize(group), "bias_correction": bool(group["bias_correction"])}
+
+    def _state_names(self, flags: dict[str, bool]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")

@@ -15,6 +15,38 @@ import math
 import torch
 from torch import Tensor
 
+# ---- pieces the algorithms share -------------------------------------------------------------
+
+
+def _signed(grad: Tensor, maximize: bool) -> Tensor:
+    return -grad if maximize else grad
+
+
+def _weight_decay(param: Tensor, grad: Tensor, lr: float, weight_decay: float,
+                  decoupled: bool) -> Tensor:
+    """Decoupled (AdamW, Lion): shrink the param in place. L2 (the rest): return g + wd*p."""
+    if weight_decay != 0:
+        if decoupled:
+            param.mul_(1 - lr * weight_decay)
+        else:
+            grad = grad.add(param, alpha=weight_decay)
+    return grad
+
+
+def _ema_square(average: Tensor, x: Tensor, beta: float) -> None:
+    """average = beta * average + (1 - beta) * x * x, in place."""
+    average.mul_(beta).addcmul_(x, x, value=1 - beta)
+
+
+def _moments(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, beta1: float,
+             beta2: float) -> None:
+    """Adam's first and second moments, in place (Adam/AdamW, NAdam, RAdam, LAMB)."""
+    exp_avg.lerp_(grad, 1 - beta1)
+    _ema_square(exp_avg_sq, grad, beta2)
+
+
+# ---- the algorithms ---------------------------------------------------------------------------
+
 
 def adam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
          max_exp_avg_sq: Tensor | None = None, *, step: float, fresh: bool,
@@ -32,15 +64,9 @@ def adam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
         \theta &\leftarrow \theta - \frac{\gamma}{1-\beta_1^t}\,
             \frac{m}{\sqrt{v\text{ or }\hat v}/\sqrt{1-\beta_2^t} + \epsilon}
     """
-    if maximize:
-        grad = -grad
-    if weight_decay != 0:
-        if decoupled_weight_decay:
-            param.mul_(1 - lr * weight_decay)
-        else:
-            grad = grad.add(param, alpha=weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    grad = _signed(grad, maximize)
+    grad = _weight_decay(param, grad, lr, weight_decay, decoupled_weight_decay)
+    _moments(exp_avg, exp_avg_sq, grad, beta1, beta2)
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
     if amsgrad:
@@ -63,10 +89,8 @@ def sgd(param: Tensor, grad: Tensor, momentum_buffer: Tensor | None = None, *,
         g &\leftarrow g + \mu b \text{ if nesterov, else } b, \quad
         \theta \leftarrow \theta - \gamma g
     """
-    if maximize:
-        grad = -grad
-    if weight_decay != 0:
-        grad = grad.add(param, alpha=weight_decay)
+    grad = _signed(grad, maximize)
+    grad = _weight_decay(param, grad, lr, weight_decay, False)
     if has_momentum:
         if fresh:
             momentum_buffer.copy_(grad)
@@ -74,3 +98,190 @@ def sgd(param: Tensor, grad: Tensor, momentum_buffer: Tensor | None = None, *,
             momentum_buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
         grad = grad.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
     param.add_(grad, alpha=-lr)
+
+
+def adagrad(param: Tensor, grad: Tensor, state_sum: Tensor, *, step: float, fresh: bool,
+            lr: float, lr_decay: float, weight_decay: float, eps: float,
+            maximize: bool) -> None:
+    r"""Adagrad (Duchi et al., 2011).
+
+    .. math::
+        g \leftarrow g + \lambda\theta, \quad s \leftarrow s + g^2, \quad
+        \theta \leftarrow \theta - \frac{\gamma}{1 + (t-1)\eta}\,\frac{g}{\sqrt{s} + \epsilon}
+    """
+    grad = _weight_decay(param, _signed(grad, maximize), lr, weight_decay, False)
+    clr = lr / (1 + (step - 1) * lr_decay)
+    state_sum.addcmul_(grad, grad, value=1)
+    param.addcdiv_(grad, state_sum.sqrt().add_(eps), value=-clr)
+
+
+def adadelta(param: Tensor, grad: Tensor, square_avg: Tensor, acc_delta: Tensor, *,
+             step: float, fresh: bool, lr: float, rho: float, eps: float, weight_decay: float,
+             maximize: bool) -> None:
+    r"""Adadelta (Zeiler, 2012).
+
+    .. math::
+        v &\leftarrow \rho v + (1-\rho) g^2, \quad
+        \Delta \leftarrow \frac{\sqrt{u + \epsilon}}{\sqrt{v + \epsilon}}\, g, \quad
+        u \leftarrow \rho u + (1-\rho)\Delta^2, \quad \theta \leftarrow \theta - \gamma\Delta
+    """
+    grad = _weight_decay(param, _signed(grad, maximize), lr, weight_decay, False)
+    _ema_square(square_avg, grad, rho)
+    std = square_avg.add(eps).sqrt_()
+    delta = acc_delta.add(eps).sqrt_().div_(std).mul_(grad)
+    _ema_square(acc_delta, delta, rho)
+    param.add_(delta, alpha=-lr)
+
+
+def rmsprop(param: Tensor, grad: Tensor, square_avg: Tensor, *buffers: Tensor, step: float,
+            fresh: bool, lr: float, alpha: float, eps: float, weight_decay: float,
+            momentum: float, maximize: bool, has_momentum: bool, centered: bool) -> None:
+    r"""RMSprop (Hinton, 2012), with momentum and the centered variant (Graves, 2013).
+    ``buffers``: momentum_buffer if momentum, then grad_avg if centered.
+
+    .. math::
+        v &\leftarrow \alpha v + (1-\alpha) g^2, \quad
+        \bar g \leftarrow \alpha \bar g + (1-\alpha) g \text{ if centered}, \quad
+        a = \sqrt{v - \bar g^2 \text{ or } v} + \epsilon \\
+        b &\leftarrow \mu b + g / a, \quad \theta \leftarrow \theta - \gamma b
+        \quad\text{(or } \theta \leftarrow \theta - \gamma g / a \text{ without momentum)}
+    """
+    grad = _weight_decay(param, _signed(grad, maximize), lr, weight_decay, False)
+    _ema_square(square_avg, grad, alpha)
+    if centered:
+        grad_avg = buffers[-1]
+        grad_avg.lerp_(grad, 1 - alpha)
+        avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+    else:
+        avg = square_avg.sqrt()
+    avg = avg.add_(eps)
+    if has_momentum:
+        momentum_buffer = buffers[0]
+        momentum_buffer.mul_(momentum).addcdiv_(grad, avg)
+        param.add_(momentum_buffer, alpha=-lr)
+    else:
+        param.addcdiv_(grad, avg, value=-lr)
+
+
+def nadam_mu(beta1: float, step: float, momentum_decay: float) -> float:
+    """NAdam's momentum schedule: mu_t = beta1 (1 - 0.5 * 0.96^(t psi))."""
+    return beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+
+
+def nadam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: float,
+          fresh: bool, mu_product: Tensor, lr: float, beta1: float, beta2: float, eps: float,
+          weight_decay: float, momentum_decay: float, maximize: bool,
+          decoupled_weight_decay: bool) -> None:
+    r"""NAdam (Dozat, 2016), with torch's momentum schedule and optional decoupled decay.
+    ``mu_product`` is the param's 0-dim running product of the mu_t, updated in place.
+
+    .. math::
+        \mu_t &= \beta_1(1 - \tfrac12 0.96^{t\psi}), \quad \Pi_t = \Pi_{t-1}\mu_t, \quad
+        m, v \text{ as Adam}, \quad d = \sqrt{v / (1-\beta_2^t)} + \epsilon \\
+        \theta &\leftarrow \theta - \gamma\frac{1-\mu_t}{1-\Pi_t}\frac{g}{d}
+            - \gamma\frac{\mu_{t+1}}{1-\Pi_t\mu_{t+1}}\frac{m}{d}
+    """
+    grad = _signed(grad, maximize)
+    grad = _weight_decay(param, grad, lr, weight_decay, decoupled_weight_decay)
+    mu = nadam_mu(beta1, step, momentum_decay)
+    mu_next = nadam_mu(beta1, step + 1, momentum_decay)
+    mu_product.mul_(mu)
+    _moments(exp_avg, exp_avg_sq, grad, beta1, beta2)
+    denom = exp_avg_sq.div(1 - beta2**step).sqrt_().add_(eps)
+    product = mu_product.item()
+    param.addcdiv_(grad, denom, value=-lr * (1.0 - mu) / (1.0 - product))
+    param.addcdiv_(exp_avg, denom, value=(-lr * mu_next) / (1.0 - product * mu_next))
+
+
+def radam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: float,
+          fresh: bool, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+          maximize: bool, decoupled_weight_decay: bool) -> None:
+    r"""RAdam (Liu et al., 2020, "On the Variance of the Adaptive Learning Rate and Beyond").
+
+    .. math::
+        \rho_\infty &= \frac{2}{1-\beta_2} - 1, \quad
+        \rho_t = \rho_\infty - \frac{2t\beta_2^t}{1-\beta_2^t}, \quad
+        r_t = \sqrt{\frac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}} \\
+        \theta &\leftarrow \theta - \gamma\frac{m}{1-\beta_1^t}
+            \cdot \frac{\sqrt{1-\beta_2^t}}{\sqrt v + \epsilon}\, r_t
+            \text{ if } \rho_t > 5, \text{ else }
+            \theta - \gamma\frac{m}{1-\beta_1^t}
+    """
+    grad = _signed(grad, maximize)
+    grad = _weight_decay(param, grad, lr, weight_decay, decoupled_weight_decay)
+    _moments(exp_avg, exp_avg_sq, grad, beta1, beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    update = exp_avg / bias_correction1 * lr
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+    if rho_t > 5.0:
+        rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf
+                         / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+        adaptive_lr = math.sqrt(bias_correction2) / exp_avg_sq.sqrt().add_(eps)
+        update = update * adaptive_lr * rect
+    param.sub_(update)
+
+
+def adamax(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_inf: Tensor, *, step: float,
+           fresh: bool, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+           maximize: bool) -> None:
+    r"""Adamax (Kingma & Ba, 2014, section 7), Adam with the infinity norm.
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1) g, \quad
+        u \leftarrow \max(\beta_2 u, |g| + \epsilon), \quad
+        \theta \leftarrow \theta - \frac{\gamma}{1-\beta_1^t}\frac{m}{u}
+    """
+    grad = _weight_decay(param, _signed(grad, maximize), lr, weight_decay, False)
+    exp_avg.lerp_(grad, 1 - beta1)
+    torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)
+    param.addcdiv_(exp_avg, exp_inf, value=-lr / (1 - beta1**step))
+
+
+def lion(param: Tensor, grad: Tensor, exp_avg: Tensor, *, step: float | None, fresh: bool,
+         lr: float, beta1: float, beta2: float, weight_decay: float, maximize: bool) -> None:
+    r"""Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms", Alg. 2).
+
+    .. math::
+        c &= \beta_1 m + (1-\beta_1) g, \quad
+        \theta \leftarrow \theta - \eta\,(\mathrm{sign}(c) + \lambda\theta), \quad
+        m \leftarrow \beta_2 m + (1-\beta_2) g
+
+    The decay is applied as ``theta *= 1 - lr*wd`` first, the same update.
+    """
+    grad = _signed(grad, maximize)
+    _weight_decay(param, grad, lr, weight_decay, True)
+    interpolated = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1)
+    param.add_(interpolated.sign_(), alpha=-lr)
+    exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
+
+
+def lamb(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: float,
+         fresh: bool, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+         maximize: bool, bias_correction: bool) -> None:
+    r"""LAMB (You et al., 2019, "Large Batch Optimization for Deep Learning", Alg. 2).
+
+    .. math::
+        m, v &\text{ as Adam}, \quad
+        \hat m = \frac{m}{1-\beta_1^t}, \ \hat v = \frac{v}{1-\beta_2^t}
+        \text{ (if bias\_correction)}, \quad
+        u = \frac{\hat m}{\sqrt{\hat v} + \epsilon} + \lambda\theta \\
+        \theta &\leftarrow \theta - \eta\,\frac{\|\theta\|}{\|u\|}\,u
+        \quad(\text{the ratio is 1 where either norm is 0})
+    """
+    _moments(exp_avg, exp_avg_sq, _signed(grad, maximize), beta1, beta2)
+    exp_avg_hat, exp_avg_sq_hat = exp_avg, exp_avg_sq
+    if bias_correction:
+        exp_avg_hat = exp_avg / (1 - beta1**step)
+        exp_avg_sq_hat = exp_avg_sq / (1 - beta2**step)
+    update = (exp_avg_hat / exp_avg_sq_hat.sqrt().add_(eps)).add_(param, alpha=weight_decay)
+    param_norm = torch.linalg.vector_norm(param, dtype=_opmath(param.dtype)).item()
+    update_norm = torch.linalg.vector_norm(update, dtype=_opmath(param.dtype)).item()
+    trust_ratio = param_norm / update_norm if param_norm > 0 and update_norm > 0 else 1.0
+    param.add_(update, alpha=-lr * trust_ratio)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch computes in for ``dtype`` storage: float64 stays, the rest use float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -13,10 +13,16 @@ Per-group hyperparameters come from a ``float64[num_groups, hyper_stride]`` tabl
 group's lr never means another launch or a recompile. Sizes and counts are runtime values
 (int64 offsets, no specialisation on them), so no shape triggers a recompile.
 
-The algorithm itself is one ``@triton.jit`` element-wise function passed in as ``UPDATE``:
-``UPDATE(param, grad, s0, s1, s2, step, fresh, hyper, F0, F1, F2) -> (param, s0, s1, s2)``,
-all values in the opmath dtype (fp64 for fp64 storage, fp32 otherwise); ``F0..F2`` are its
-constexpr variant flags (maximize, amsgrad, nesterov, ...).
+The algorithm itself is one ``@triton.jit`` element-wise function passed in as ``UPDATE``
+(see :mod:`fusedopt.kernels.updates` for its signature), all values in the opmath dtype (fp64
+for fp64 storage, fp32 otherwise), with up to three constexpr variant flags (maximize,
+amsgrad, nesterov, ...). Two optional pieces serve the optimizers that need more than an
+element-wise map, still without a per-tensor launch:
+
+* ``ADVANCE_AUX``: a per-tensor scalar state advanced once per step, next to ``step``
+  (NAdam's ``mu_product``);
+* ``TERMS``: two element-wise terms summed per tensor by :func:`multi_tensor_sums` in one
+  launch before the update, which reads the sums (LAMB's norms ``||p||`` and ``||r + wd p||``).
 """
 
 import torch
@@ -26,8 +32,10 @@ import triton.language as tl
 from fusedopt.backend import interpreting as _interpreting
 
 # Rows of the column-major tensor table. STATE0..2 are the optimizer's state tensors in the
-# order its spec names them; STEP points at the per-tensor float32 ``state["step"]``.
-COLUMNS = ("PARAM", "GRAD", "STATE0", "STATE1", "STATE2", "STEP", "NUMEL", "GROUP", "FRESH")
+# order its spec names them; STEP points at the per-tensor float32 ``state["step"]``, AUX at
+# the spec's per-tensor float32 scalar state, if any (NAdam's ``mu_product``).
+COLUMNS = ("PARAM", "GRAD", "STATE0", "STATE1", "STATE2", "STEP", "NUMEL", "GROUP", "FRESH",
+           "AUX")
 COL_PARAM: tl.constexpr = tl.constexpr(0)
 COL_GRAD: tl.constexpr = tl.constexpr(1)
 COL_STATE0: tl.constexpr = tl.constexpr(2)
@@ -37,6 +45,7 @@ COL_STEP: tl.constexpr = tl.constexpr(5)
 COL_NUMEL: tl.constexpr = tl.constexpr(6)
 COL_GROUP: tl.constexpr = tl.constexpr(7)
 COL_FRESH: tl.constexpr = tl.constexpr(8)
+COL_AUX: tl.constexpr = tl.constexpr(9)
 MAX_STATES = 3
 
 # Measured on the H100 prototype: BLOCK 1024-2048, 4-8 iterations, 4-8 warps all reach
@@ -88,14 +97,13 @@ def _to_storage(x, STORAGE: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr):
 
 
 @triton.jit
-def _update_block(param, grad, s0, s1, s2, offs, mask, step, fresh, hyper,
-                  UPDATE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
-                  NUM_STATES: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
-                  ROUND_BF16_BY_HAND: tl.constexpr):
-    """Load one block, apply UPDATE in the opmath dtype, store in the storage dtype."""
+def _load_block(param, grad, s0, s1, s2, offs, mask, NUM_STATES: tl.constexpr,
+                COMPUTE: tl.constexpr):
+    """One block of param, grad and the states, in the opmath dtype. Absent states are
+    placeholders (copies of the param): never loaded, never stored."""
     p = tl.load(param + offs, mask=mask).to(COMPUTE)
     g = tl.load(grad + offs, mask=mask).to(COMPUTE)
-    a = p  # placeholders for absent states: never loaded, never stored
+    a = p
     b = p
     c = p
     if NUM_STATES > 0:
@@ -104,7 +112,17 @@ def _update_block(param, grad, s0, s1, s2, offs, mask, step, fresh, hyper,
         b = tl.load(s1 + offs, mask=mask).to(COMPUTE)
     if NUM_STATES > 2:
         c = tl.load(s2 + offs, mask=mask).to(COMPUTE)
-    p, a, b, c = UPDATE(p, g, a, b, c, step, fresh, hyper, F0, F1, F2)
+    return p, g, a, b, c
+
+
+@triton.jit
+def _update_block(param, grad, s0, s1, s2, offs, mask, step, aux, fresh, sum0, sum1, hyper,
+                  UPDATE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
+                  NUM_STATES: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
+                  ROUND_BF16_BY_HAND: tl.constexpr):
+    """Load one block, apply UPDATE in the opmath dtype, store in the storage dtype."""
+    p, g, a, b, c = _load_block(param, grad, s0, s1, s2, offs, mask, NUM_STATES, COMPUTE)
+    p, a, b, c = UPDATE(p, g, a, b, c, step, aux, fresh, sum0, sum1, hyper, F0, F1, F2)
     tl.store(param + offs, _to_storage(p, STORAGE, ROUND_BF16_BY_HAND), mask=mask)
     if NUM_STATES > 0:
         tl.store(s0 + offs, _to_storage(a, STORAGE, ROUND_BF16_BY_HAND), mask=mask)
@@ -114,14 +132,12 @@ def _update_block(param, grad, s0, s1, s2, offs, mask, step, fresh, hyper,
         tl.store(s2 + offs, _to_storage(c, STORAGE, ROUND_BF16_BY_HAND), mask=mask)
 
 
-@triton.jit(do_not_specialize=["num_tensors", "hyper_stride"])
-def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_counts,
-                      UPDATE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
-                      NUM_STATES: tl.constexpr, USES_STEP: tl.constexpr,
-                      STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
-                      BLOCK: tl.constexpr, ITERS: tl.constexpr,
-                      ROUND_BF16_BY_HAND: tl.constexpr):
-    """Update one chunk of one tensor; the grid is the whole work list of the bucket."""
+@triton.jit
+def _chunk(tensors, num_tensors, work, STORAGE: tl.constexpr):
+    """This program's chunk: its tensor's row of the table, read once.
+
+    Returns (tensor index, first element, numel, aligned, param, grad, s0, s1, s2, fresh,
+    group, step pointer, aux pointer); ``aligned``: every address is 16-byte aligned."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(work + 2 * pid)
     start = tl.load(work + 2 * pid + 1)
@@ -133,19 +149,51 @@ def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_coun
     s1_addr = tl.load(row + COL_STATE1 * num_tensors)
     s2_addr = tl.load(row + COL_STATE2 * num_tensors)
     aligned = ((param_addr | grad_addr | s0_addr | s1_addr | s2_addr) & 15) == 0
-    param = param_addr.to(tl.pointer_type(STORAGE))
-    grad = grad_addr.to(tl.pointer_type(STORAGE))
-    s0 = s0_addr.to(tl.pointer_type(STORAGE))
-    s1 = s1_addr.to(tl.pointer_type(STORAGE))
-    s2 = s2_addr.to(tl.pointer_type(STORAGE))
     fresh = tl.load(row + COL_FRESH * num_tensors)
-    hyper_row = hyper + tl.load(row + COL_GROUP * num_tensors) * hyper_stride
+    group = tl.load(row + COL_GROUP * num_tensors)
     step_ptr = tl.load(row + COL_STEP * num_tensors).to(tl.pointer_type(tl.float32))
+    aux_ptr = tl.load(row + COL_AUX * num_tensors).to(tl.pointer_type(tl.float32))
+    return (t, start, numel, aligned, param_addr.to(tl.pointer_type(STORAGE)),
+            grad_addr.to(tl.pointer_type(STORAGE)), s0_addr.to(tl.pointer_type(STORAGE)),
+            s1_addr.to(tl.pointer_type(STORAGE)), s2_addr.to(tl.pointer_type(STORAGE)),
+            fresh, group, step_ptr, aux_ptr)
+
+
+@triton.jit
+def _scalars(step_ptr, aux_ptr, hyper_row, USES_STEP: tl.constexpr, ADVANCE_AUX: tl.constexpr):
+    """This step's per-tensor scalars: ``step`` (old count + 1) and the spec's auxiliary
+    scalar state (NAdam's mu_product) advanced by ADVANCE_AUX. Every program of a tensor
+    computes the same values from the old ones; only the tensor's last program stores them."""
     if USES_STEP:
-        # Every program of this tensor reads the old count; only the last one writes it back.
         step = tl.load(step_ptr) + 1.0
     else:
         step = 0.0
+    if ADVANCE_AUX is not None:
+        aux = ADVANCE_AUX(tl.load(aux_ptr), step, hyper_row)
+    else:
+        aux = 0.0
+    return step, aux
+
+
+@triton.jit(do_not_specialize=["num_tensors", "hyper_stride"])
+def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_counts, sums,
+                      UPDATE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
+                      NUM_STATES: tl.constexpr, USES_STEP: tl.constexpr,
+                      ADVANCE_AUX: tl.constexpr, HAS_SUMS: tl.constexpr, FINISH: tl.constexpr,
+                      STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
+                      BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                      ROUND_BF16_BY_HAND: tl.constexpr):
+    """Update one chunk of one tensor; the grid is the whole work list of the bucket."""
+    (t, start, numel, aligned, param, grad, s0, s1, s2, fresh, group, step_ptr,
+     aux_ptr) = _chunk(tensors, num_tensors, work, STORAGE)
+    hyper_row = hyper + group * hyper_stride
+    step, aux = _scalars(step_ptr, aux_ptr, hyper_row, USES_STEP, ADVANCE_AUX)
+    if HAS_SUMS:  # this tensor's two sums from the reduction launch before this one
+        sum0 = tl.load(sums + 2 * t)
+        sum1 = tl.load(sums + 2 * t + 1)
+    else:
+        sum0 = 0.0
+        sum1 = 0.0
 
     lanes = tl.arange(0, BLOCK)
     if (start + BLOCK * ITERS <= numel) & aligned:
@@ -159,36 +207,108 @@ def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_coun
         for i in tl.static_range(ITERS):
             base = tl.multiple_of(start + i * BLOCK, BLOCK)
             offs = tl.max_contiguous(tl.multiple_of(base + lanes, BLOCK), BLOCK)
-            _update_block(param, grad, s0, s1, s2, offs, None, step, fresh, hyper_row,
-                          UPDATE, F0, F1, F2, NUM_STATES, STORAGE, COMPUTE, ROUND_BF16_BY_HAND)
+            _update_block(param, grad, s0, s1, s2, offs, None, step, aux, fresh, sum0, sum1,
+                          hyper_row, UPDATE, F0, F1, F2, NUM_STATES, STORAGE, COMPUTE,
+                          ROUND_BF16_BY_HAND)
     else:
         # A tensor's tail, or storage that is not 16-byte aligned (an odd view): masked,
         # unhinted loads that are correct for any address.
         for i in tl.static_range(ITERS):
             offs = start + i * BLOCK + lanes
-            _update_block(param, grad, s0, s1, s2, offs, offs < numel, step, fresh, hyper_row,
-                          UPDATE, F0, F1, F2, NUM_STATES, STORAGE, COMPUTE, ROUND_BF16_BY_HAND)
+            _update_block(param, grad, s0, s1, s2, offs, offs < numel, step, aux, fresh, sum0,
+                          sum1, hyper_row, UPDATE, F0, F1, F2, NUM_STATES, STORAGE, COMPUTE,
+                          ROUND_BF16_BY_HAND)
 
-    if USES_STEP:
-        # The last program to finish a tensor stores its new step: acq_rel atomics order
-        # every other program's read of the old value before this write. No second launch.
+    if FINISH:
+        # The last program to finish a tensor stores its new scalars and clears its sums for
+        # the next step: acq_rel atomics order every other program's reads of the old values
+        # before these writes. No extra launch.
         chunks = tl.maximum((numel + BLOCK * ITERS - 1) // (BLOCK * ITERS), 1)
         if tl.atomic_add(done_counts + t, 1) == chunks - 1:
-            tl.store(step_ptr, step)
+            if USES_STEP:
+                tl.store(step_ptr, step)
+            if ADVANCE_AUX is not None:
+                tl.store(aux_ptr, aux)
+            if HAS_SUMS:
+                tl.store(sums + 2 * t, 0.0)
+                tl.store(sums + 2 * t + 1, 0.0)
             tl.store(done_counts + t, 0)
+
+
+@triton.jit
+def _terms_block(param, grad, s0, s1, s2, offs, mask, step, aux, fresh, hyper,
+                 TERMS: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
+                 NUM_STATES: tl.constexpr, COMPUTE: tl.constexpr):
+    """TERMS of one block, with lanes past the end counted as 0."""
+    p, g, a, b, c = _load_block(param, grad, s0, s1, s2, offs, mask, NUM_STATES, COMPUTE)
+    x, y = TERMS(p, g, a, b, c, step, aux, fresh, hyper, F0, F1, F2)
+    if mask is not None:
+        x = tl.where(mask, x, 0.0)
+        y = tl.where(mask, y, 0.0)
+    return x, y
+
+
+@triton.jit(do_not_specialize=["num_tensors", "hyper_stride"])
+def multi_tensor_sums(tensors, num_tensors, work, hyper, hyper_stride, sums,
+                      TERMS: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
+                      NUM_STATES: tl.constexpr, USES_STEP: tl.constexpr,
+                      ADVANCE_AUX: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
+                      BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Per-tensor sums of two element-wise TERMS over the same tables: one read-only launch
+    whose results (``sums[t, 0..1]``) the update launch reads (LAMB's trust-ratio norms)."""
+    (t, start, numel, aligned, param, grad, s0, s1, s2, fresh, group, step_ptr,
+     aux_ptr) = _chunk(tensors, num_tensors, work, STORAGE)
+    hyper_row = hyper + group * hyper_stride
+    step, aux = _scalars(step_ptr, aux_ptr, hyper_row, USES_STEP, ADVANCE_AUX)
+    lanes = tl.arange(0, BLOCK)
+    acc0 = tl.zeros([BLOCK], dtype=COMPUTE)
+    acc1 = tl.zeros([BLOCK], dtype=COMPUTE)
+    if (start + BLOCK * ITERS <= numel) & aligned:
+        param = tl.multiple_of(param, 16)
+        grad = tl.multiple_of(grad, 16)
+        s0 = tl.multiple_of(s0, 16)
+        s1 = tl.multiple_of(s1, 16)
+        s2 = tl.multiple_of(s2, 16)
+        for i in tl.static_range(ITERS):
+            base = tl.multiple_of(start + i * BLOCK, BLOCK)
+            offs = tl.max_contiguous(tl.multiple_of(base + lanes, BLOCK), BLOCK)
+            x, y = _terms_block(param, grad, s0, s1, s2, offs, None, step, aux, fresh,
+                                hyper_row, TERMS, F0, F1, F2, NUM_STATES, COMPUTE)
+            acc0 += x
+            acc1 += y
+    else:
+        for i in tl.static_range(ITERS):
+            offs = start + i * BLOCK + lanes
+            x, y = _terms_block(param, grad, s0, s1, s2, offs, offs < numel, step, aux, fresh,
+                                hyper_row, TERMS, F0, F1, F2, NUM_STATES, COMPUTE)
+            acc0 += x
+            acc1 += y
+    tl.atomic_add(sums + 2 * t, tl.sum(acc0, axis=0))
+    tl.atomic_add(sums + 2 * t + 1, tl.sum(acc1, axis=0))
 
 
 def launch(update, flags, *, num_states: int, uses_step: bool, dtype: torch.dtype,
            tensors: torch.Tensor, num_tensors: int, work: torch.Tensor, num_work: int,
-           hyper: torch.Tensor, done_counts: torch.Tensor) -> None:
-    """Launch one multi-tensor step over a bucket's tables (see the module docstring)."""
+           hyper: torch.Tensor, done_counts: torch.Tensor, advance_aux=None, terms=None,
+           sums: torch.Tensor | None = None) -> None:
+    """Launch one multi-tensor step over a bucket's tables (see the module docstring).
+
+    With ``terms``, first one :func:`multi_tensor_sums` launch fills ``sums`` (float
+    ``[num_tensors, 2]`` in the opmath dtype, zero on entry; the step launch zeroes it again).
+    """
     global _launches
     f0, f1, f2 = (tuple(bool(f) for f in flags) + (False, False, False))[:3]
+    common = dict(F0=f0, F1=f1, F2=f2, NUM_STATES=num_states, USES_STEP=uses_step,
+                  ADVANCE_AUX=advance_aux, STORAGE=_TL_DTYPES[dtype],
+                  COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
+                  BLOCK=BLOCK, ITERS=ITERS, num_warps=NUM_WARPS)
+    if terms is not None:
+        multi_tensor_sums[(num_work,)](tensors, num_tensors, work, hyper, hyper.shape[1], sums,
+                                       TERMS=terms, **common)
+        _launches += 1
     multi_tensor_step[(num_work,)](
         tensors, num_tensors, work, hyper, hyper.shape[1], done_counts,
-        UPDATE=update, F0=f0, F1=f1, F2=f2,
-        NUM_STATES=num_states, USES_STEP=uses_step,
-        STORAGE=_TL_DTYPES[dtype], COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
-        BLOCK=BLOCK, ITERS=ITERS, ROUND_BF16_BY_HAND=_interpreting(), num_warps=NUM_WARPS,
-    )
+        sums if sums is not None else done_counts, UPDATE=update, HAS_SUMS=terms is not None,
+        FINISH=uses_step or advance_aux is not None or terms is not None,
+        ROUND_BF16_BY_HAND=_interpreting(), **common)
     _launches += 1
