@@ -24,27 +24,69 @@ _SIGNATURE = {"tensors": "*i64", "num_tensors": "i64", "work": "*i64", "hyper": 
               "hyper_stride": "i64", "done_counts": "*i32"}
 _DTYPES = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32, "fp64": tl.float64}
 
-# (name, update, number of states, uses step, constexpr flags): one of each shape of variant.
-VARIANTS = [
-    ("adamw", "adam", 2, True, (False, False, True)),
-    ("adam-amsgrad-maximize", "adam", 3, True, (True, True, False)),
-    ("sgd-momentum-nesterov", "sgd", 1, False, (False, True, True)),
-    ("sgd-plain-maximize", "sgd", 0, False, (True, False, False)),
-]
+# name: (fusedopt optimizer, constructor options): every optimizer, and each shape of variant
+# (number of states, flags, per-tensor scalars, a sums launch) at least once.
+VARIANTS = {
+    "adamw": ("AdamW", {}),
+    "adam-amsgrad-maximize": ("Adam", {"amsgrad": True, "maximize": True}),
+    "sgd-momentum-nesterov": ("SGD", {"momentum": 0.9, "nesterov": True}),
+    "sgd-plain-maximize": ("SGD", {"maximize": True}),
+    "adagrad": ("Adagrad", {}),
+    "adadelta": ("Adadelta", {}),
+    "rmsprop-momentum-centered": ("RMSprop", {"momentum": 0.9, "centered": True}),
+    "rmsprop-centered": ("RMSprop", {"centered": True}),
+    "nadam-decoupled": ("NAdam", {"decoupled_weight_decay": True}),
+    "radam": ("RAdam", {}),
+    "adamax": ("Adamax", {}),
+    "lion": ("Lion", {}),
+    "lamb": ("LAMB", {}),
+}
 
 
-def compile_ptx(update: str, num_states: int, uses_step: bool, flags: tuple[bool, ...],
-                dtype: str, arch: int = 90) -> str:
-    """PTX of ``multi_tensor_step`` for one variant, compiled for ``sm_<arch>``."""
-    kernel = skeleton.multi_tensor_step
+def variant(name: str) -> dict:
+    """What the engine would launch for VARIANTS[name]: read off the optimizer's own spec."""
+    import torch
+
+    import fusedopt
+
+    cls_name, options = VARIANTS[name]
+    opt = getattr(fusedopt, cls_name)([torch.zeros(1)], **options, backend="reference")
+    flags = tuple(opt._flags(opt.param_groups[0]).values())
+    return {"update": getattr(updates, opt.kernel_update),
+            "terms": getattr(updates, opt.kernel_terms) if opt.kernel_terms else None,
+            "advance_aux": getattr(updates, opt.scalar_state[2]) if opt.scalar_state else None,
+            "num_states": len(opt._state_names(opt._flags(opt.param_groups[0]))),
+            "uses_step": opt.uses_step,
+            "flags": (flags + (False, False, False))[:3]}
+
+
+def compile_ptx(name: str, dtype: str, kernel: str = "step", arch: int = 90) -> str:
+    """PTX of VARIANTS[name]'s ``multi_tensor_step`` (kernel="step") or of its
+    ``multi_tensor_sums`` (kernel="sums", optimizers with a terms launch), for sm_<arch>."""
+    spec = variant(name)
     storage = _DTYPES[dtype]
-    constexprs = dict(UPDATE=getattr(updates, update), F0=flags[0], F1=flags[1], F2=flags[2],
-                      NUM_STATES=num_states, USES_STEP=uses_step, STORAGE=storage,
-                      COMPUTE=tl.float64 if storage == tl.float64 else tl.float32,
-                      BLOCK=skeleton.BLOCK, ITERS=skeleton.ITERS, ROUND_BF16_BY_HAND=False)
-    signature = dict(_SIGNATURE, **{name: "constexpr" for name in constexprs})
-    source = ASTSource(fn=kernel, signature=signature, constexprs={
-        (kernel.arg_names.index(name),): value for name, value in constexprs.items()})
+    compute = tl.float64 if storage == tl.float64 else tl.float32
+    flags = spec["flags"]
+    constexprs = dict(F0=flags[0], F1=flags[1], F2=flags[2], NUM_STATES=spec["num_states"],
+                      USES_STEP=spec["uses_step"], ADVANCE_AUX=spec["advance_aux"],
+                      STORAGE=storage, COMPUTE=compute, BLOCK=skeleton.BLOCK,
+                      ITERS=skeleton.ITERS)
+    sums_type = "*fp64" if dtype == "fp64" else "*fp32"
+    if kernel == "sums":
+        fn = skeleton.multi_tensor_sums
+        constexprs["TERMS"] = spec["terms"]
+        signature = {k: v for k, v in _SIGNATURE.items() if k != "done_counts"}
+        signature["sums"] = sums_type
+    else:
+        fn = skeleton.multi_tensor_step
+        has_sums = spec["terms"] is not None
+        constexprs.update(UPDATE=spec["update"], HAS_SUMS=has_sums, ROUND_BF16_BY_HAND=False,
+                          FINISH=spec["uses_step"] or spec["advance_aux"] is not None
+                          or has_sums)
+        signature = dict(_SIGNATURE, sums=sums_type if has_sums else "*i32")
+    signature.update({name: "constexpr" for name in constexprs})
+    source = ASTSource(fn=fn, signature=signature, constexprs={
+        (fn.arg_names.index(name),): value for name, value in constexprs.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": skeleton.NUM_WARPS})
     return compiled.asm["ptx"]
@@ -67,8 +109,13 @@ def summarise(ptx: str) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     dtypes = (argv if argv else sys.argv[1:]) or ["fp32", "bf16", "fp64"]
-    report = {f"{name}/{dtype}": summarise(compile_ptx(update, states, step, flags, dtype))
-              for name, update, states, step, flags in VARIANTS for dtype in dtypes}
+    report = {}
+    for name in VARIANTS:
+        kernels = ("step", "sums") if variant(name)["terms"] is not None else ("step",)
+        for kernel in kernels:
+            for dtype in dtypes:
+                key = f"{name}/{dtype}" if kernel == "step" else f"{name}/{kernel}/{dtype}"
+                report[key] = summarise(compile_ptx(name, dtype, kernel))
     print(json.dumps({"triton": triton.__version__, "arch": "sm_90", "variants": report}))
 
 

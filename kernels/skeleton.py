@@ -136,8 +136,12 @@ def _update_block(param, grad, s0, s1, s2, offs, mask, step, aux, fresh, sum0, s
 def _chunk(tensors, num_tensors, work, STORAGE: tl.constexpr):
     """This program's chunk: its tensor's row of the table, read once.
 
-    Returns (tensor index, first element, numel, aligned, param, grad, s0, s1, s2, fresh,
-    group, step pointer, aux pointer); ``aligned``: every address is 16-byte aligned."""
+    Returns (tensor index, first element, numel, aligned, the param/grad/s0/s1/s2 addresses,
+    fresh, group, step pointer, aux pointer); ``aligned``: every address is 16-byte aligned.
+    The kernels cast the addresses to pointers themselves: a pointer made in here and hinted
+    ``multiple_of`` on the aligned path carried the hint onto the masked path too (triton
+    3.9, seen in the PTX: predicated 16-byte loads there), which would misread unaligned
+    storage. tests/test_codegen.py counts the vector loads to keep it that way."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(work + 2 * pid)
     start = tl.load(work + 2 * pid + 1)
@@ -153,9 +157,7 @@ def _chunk(tensors, num_tensors, work, STORAGE: tl.constexpr):
     group = tl.load(row + COL_GROUP * num_tensors)
     step_ptr = tl.load(row + COL_STEP * num_tensors).to(tl.pointer_type(tl.float32))
     aux_ptr = tl.load(row + COL_AUX * num_tensors).to(tl.pointer_type(tl.float32))
-    return (t, start, numel, aligned, param_addr.to(tl.pointer_type(STORAGE)),
-            grad_addr.to(tl.pointer_type(STORAGE)), s0_addr.to(tl.pointer_type(STORAGE)),
-            s1_addr.to(tl.pointer_type(STORAGE)), s2_addr.to(tl.pointer_type(STORAGE)),
+    return (t, start, numel, aligned, param_addr, grad_addr, s0_addr, s1_addr, s2_addr,
             fresh, group, step_ptr, aux_ptr)
 
 
@@ -186,6 +188,11 @@ def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_coun
     """Update one chunk of one tensor; the grid is the whole work list of the bucket."""
     (t, start, numel, aligned, param, grad, s0, s1, s2, fresh, group, step_ptr,
      aux_ptr) = _chunk(tensors, num_tensors, work, STORAGE)
+    param = param.to(tl.pointer_type(STORAGE))
+    grad = grad.to(tl.pointer_type(STORAGE))
+    s0 = s0.to(tl.pointer_type(STORAGE))
+    s1 = s1.to(tl.pointer_type(STORAGE))
+    s2 = s2.to(tl.pointer_type(STORAGE))
     hyper_row = hyper + group * hyper_stride
     step, aux = _scalars(step_ptr, aux_ptr, hyper_row, USES_STEP, ADVANCE_AUX)
     if HAS_SUMS:  # this tensor's two sums from the reduction launch before this one
@@ -258,6 +265,11 @@ def multi_tensor_sums(tensors, num_tensors, work, hyper, hyper_stride, sums,
     whose results (``sums[t, 0..1]``) the update launch reads (LAMB's trust-ratio norms)."""
     (t, start, numel, aligned, param, grad, s0, s1, s2, fresh, group, step_ptr,
      aux_ptr) = _chunk(tensors, num_tensors, work, STORAGE)
+    param = param.to(tl.pointer_type(STORAGE))
+    grad = grad.to(tl.pointer_type(STORAGE))
+    s0 = s0.to(tl.pointer_type(STORAGE))
+    s1 = s1.to(tl.pointer_type(STORAGE))
+    s2 = s2.to(tl.pointer_type(STORAGE))
     hyper_row = hyper + group * hyper_stride
     step, aux = _scalars(step_ptr, aux_ptr, hyper_row, USES_STEP, ADVANCE_AUX)
     lanes = tl.arange(0, BLOCK)

@@ -431,9 +431,9 @@ def lamb(param, grad, exp_avg, exp_avg_sq, _unused, step, aux, fresh, param_sq, 
     lr = tl.load(hyper + 0)
     update, exp_avg, exp_avg_sq = _lamb_direction(param, grad, exp_avg, exp_avg_sq, step, hyper,
                                                   MAXIMIZE, BIAS_CORRECTION)
-    param_norm = tl.sqrt(param_sq)
-    update_norm = tl.sqrt(update_sq)
-    trust_ratio = tl.where((param_norm > 0.0) & (update_norm > 0.0),
-                           param_norm / update_norm, 1.0)
+    param_norm = _sqrt(param_sq)
+    update_norm = _sqrt(update_sq)
+    both = (param_norm > 0.0) & (update_norm > 0.0)
+    trust_ratio = tl.where(both, _div(param_norm, tl.where(both, update_norm, 1.0)), 1.0)
     param = param - (lr * trust_ratio.to(tl.float64)).to(dt) * update
     return param, exp_avg, exp_avg_sq, _unused

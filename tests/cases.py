@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from paper_optimizers import PaperLAMB, PaperLion
 
 import fusedopt
 
@@ -128,7 +129,81 @@ CASES: list[Case] = [
                  {"momentum": 0.5, "dampening": 0.1, "maximize": True})),
 ]
 
+
+def _lr_groups(lr: float, **extra) -> tuple[dict, ...]:
+    """Groups 1 and 2: another lr and weight decay, plus per-optimizer overrides in ``extra``
+    (a dict per group under the keys "g1" and "g2")."""
+    return ({"lr": lr * 2.0, "weight_decay": 0.05, **extra.get("g1", {})},
+            {"lr": lr * 0.5, "weight_decay": 0.0, **extra.get("g2", {})})
+
+
+F = fusedopt
+CASES += [
+    Case("adagrad-default", F.Adagrad, torch.optim.Adagrad, {}, groups=_lr_groups(1e-2)),
+    Case("adagrad-decay-init-wd", F.Adagrad, torch.optim.Adagrad,
+         {"lr": 0.05, "lr_decay": 0.02, "weight_decay": 0.1, "initial_accumulator_value": 0.3,
+          "eps": 1e-8},
+         groups=_lr_groups(0.05, g1={"lr_decay": 0.0}, g2={"eps": 1e-6})),
+    Case("adagrad-maximize-lr-tensor", F.Adagrad, torch.optim.Adagrad,
+         {"lr": 0.03, "maximize": True, "weight_decay": 0.02}, lr_tensor=True,
+         groups=_lr_groups(0.03, g2={"maximize": False})),
+    Case("adadelta-default", F.Adadelta, torch.optim.Adadelta, {}, groups=_lr_groups(1.0)),
+    Case("adadelta-rho-wd-maximize", F.Adadelta, torch.optim.Adadelta,
+         {"lr": 0.5, "rho": 0.8, "eps": 1e-5, "weight_decay": 0.1, "maximize": True},
+         groups=_lr_groups(0.5, g1={"rho": 0.95})),
+    Case("adadelta-lr-tensor", F.Adadelta, torch.optim.Adadelta, {"lr": 0.7}, lr_tensor=True,
+         groups=_lr_groups(0.7, g2={"eps": 1e-4})),
+    Case("rmsprop-default", F.RMSprop, torch.optim.RMSprop, {}, groups=_lr_groups(1e-2)),
+    Case("rmsprop-momentum-centered-wd", F.RMSprop, torch.optim.RMSprop,
+         {"lr": 5e-3, "alpha": 0.9, "momentum": 0.8, "centered": True, "weight_decay": 0.1},
+         groups=_lr_groups(5e-3, g1={"alpha": 0.95})),
+    Case("rmsprop-centered-maximize-lr-tensor", F.RMSprop, torch.optim.RMSprop,
+         {"lr": 1e-2, "centered": True, "maximize": True, "eps": 1e-6}, lr_tensor=True,
+         groups=_lr_groups(1e-2)),
+    Case("rmsprop-mixed-flags-groups", F.RMSprop, torch.optim.RMSprop, {"lr": 1e-2},
+         groups=_lr_groups(1e-2, g1={"momentum": 0.9}, g2={"centered": True, "momentum": 0.5})),
+    Case("nadam-default", F.NAdam, torch.optim.NAdam, {}, groups=_adam_groups(2e-3, 0.0)),
+    Case("nadam-wd-momentum-decay", F.NAdam, torch.optim.NAdam,
+         {"lr": 1e-2, "weight_decay": 0.1, "momentum_decay": 0.01},
+         groups=_adam_groups(1e-2, 0.1)),
+    Case("nadam-decoupled-maximize-lr-tensor", F.NAdam, torch.optim.NAdam,
+         {"lr": 1e-2, "weight_decay": 0.2, "decoupled_weight_decay": True, "maximize": True},
+         lr_tensor=True, groups=_adam_groups(1e-2, 0.2)),
+    Case("radam-default", F.RAdam, torch.optim.RAdam, {}, groups=_adam_groups(1e-3, 0.0)),
+    Case("radam-wd", F.RAdam, torch.optim.RAdam, {"lr": 1e-2, "weight_decay": 0.1},
+         groups=_adam_groups(1e-2, 0.1)),
+    Case("radam-decoupled-maximize-lr-tensor", F.RAdam, torch.optim.RAdam,
+         {"lr": 1e-2, "weight_decay": 0.2, "decoupled_weight_decay": True, "maximize": True,
+          "betas": (0.9, 0.9)},
+         lr_tensor=True, groups=_adam_groups(1e-2, 0.2)),
+    Case("adamax-default", F.Adamax, torch.optim.Adamax, {}, groups=_adam_groups(2e-3, 0.0)),
+    Case("adamax-wd-maximize", F.Adamax, torch.optim.Adamax,
+         {"lr": 1e-2, "weight_decay": 0.1, "maximize": True, "eps": 1e-4},
+         groups=_adam_groups(1e-2, 0.1)),
+    Case("adamax-lr-tensor", F.Adamax, torch.optim.Adamax, {"lr": 5e-3, "betas": (0.8, 0.99)},
+         lr_tensor=True, groups=_adam_groups(5e-3, 0.0)),
+    Case("lion-default", F.Lion, PaperLion, {}, groups=_lr_groups(1e-4)),
+    Case("lion-wd-maximize", F.Lion, PaperLion,
+         {"lr": 1e-3, "betas": (0.95, 0.98), "weight_decay": 0.5, "maximize": True},
+         groups=_lr_groups(1e-3, g1={"betas": (0.8, 0.9)})),
+    Case("lion-lr-tensor", F.Lion, PaperLion, {"lr": 3e-4, "weight_decay": 0.1},
+         lr_tensor=True, groups=_lr_groups(3e-4)),
+    Case("lamb-default", F.LAMB, PaperLAMB, {}, groups=_adam_groups(1e-3, 0.01)),
+    Case("lamb-no-bias-correction-maximize", F.LAMB, PaperLAMB,
+         {"lr": 1e-2, "bias_correction": False, "maximize": True, "weight_decay": 0.0},
+         groups=_adam_groups(1e-2, 0.0)),
+    Case("lamb-lr-tensor-wd", F.LAMB, PaperLAMB, {"lr": 5e-3, "weight_decay": 0.1},
+         lr_tensor=True, groups=({"lr": 0.01, "bias_correction": False, "weight_decay": 0.2},
+                                 {"lr": 0.002, "eps": 1e-8, "weight_decay": 0.0})),
+]
+
 CASE_BY_ID = {c.id: c for c in CASES}
+
+#: one representative case per optimizer class, for the costlier checks
+ONE_PER_OPTIMIZER = ("adam-amsgrad-wd", "adamw-default", "sgd-momentum-dampening-wd",
+                     "adagrad-decay-init-wd", "adadelta-rho-wd-maximize",
+                     "rmsprop-momentum-centered-wd", "nadam-wd-momentum-decay", "radam-wd",
+                     "adamax-wd-maximize", "lion-wd-maximize", "lamb-default")
 
 
 def cases(*ids: str) -> list:
