@@ -5,6 +5,7 @@
 
 from fusedopt.backend import BACKENDS, resolve_backend
 from fusedopt.engine import FusedOptimizer
+from fusedopt.lbfgs import LBFGS
 from fusedopt.optimizers import (
     LAMB,
     SGD,
@@ -22,4 +23,4 @@ from fusedopt.optimizers import (
 __version__ = "0.1.0"
 
 __all__ = ["Adam", "AdamW", "SGD", "Adagrad", "Adadelta", "RMSprop", "NAdam", "RAdam", "Adamax",
-           "Lion", "LAMB", "FusedOptimizer", "BACKENDS", "resolve_backend"]
+           "Lion", "LAMB", "LBFGS", "FusedOptimizer", "BACKENDS", "resolve_backend"]

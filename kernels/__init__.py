@@ -11,5 +11,18 @@ from fusedopt.kernels.skeleton import (
     launch_count,
     work_list,
 )
+from fusedopt.kernels.vector import (
+    Layout,
+    TensorTable,
+    abs_max,
+    abs_sum,
+    axpy,
+    copy,
+    dot,
+    scale,
+)
+from fusedopt.kernels.vector import launch_count as vector_launch_count
 
-__all__ = ["CHUNK", "COLUMNS", "launch", "launch_count", "work_list"]
+__all__ = ["CHUNK", "COLUMNS", "launch", "launch_count", "work_list",
+           "Layout", "TensorTable", "abs_max", "abs_sum", "axpy", "copy", "dot", "scale",
+           "vector_launch_count"]

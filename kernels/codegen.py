@@ -7,6 +7,7 @@ CPU, so no device is needed; this does not work under TRITON_INTERPRET=1, which 
 ``@triton.jit`` functions by interpreted ones.
 
     python -m fusedopt.kernels.codegen            # JSON summary of every variant, sm_90
+    python -m fusedopt.kernels.codegen lamb/bf16  # one variant in one dtype
 """
 
 import json
@@ -108,14 +109,17 @@ def summarise(ptx: str) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    dtypes = (argv if argv else sys.argv[1:]) or ["fp32", "bf16", "fp64"]
+    """Arguments: dtypes (every variant in each), or ``name/dtype`` pairs; default: every
+    variant in fp32, bf16 and fp64."""
+    args = (argv if argv else sys.argv[1:]) or ["fp32", "bf16", "fp64"]
+    pairs = [tuple(a.split("/")) if "/" in a else (name, a)
+             for a in args for name in (VARIANTS if "/" not in a else (None,))]
     report = {}
-    for name in VARIANTS:
+    for name, dtype in pairs:
         kernels = ("step", "sums") if variant(name)["terms"] is not None else ("step",)
         for kernel in kernels:
-            for dtype in dtypes:
-                key = f"{name}/{dtype}" if kernel == "step" else f"{name}/{kernel}/{dtype}"
-                report[key] = summarise(compile_ptx(name, dtype, kernel))
+            key = f"{name}/{dtype}" if kernel == "step" else f"{name}/{kernel}/{dtype}"
+            report[key] = summarise(compile_ptx(name, dtype, kernel))
     print(json.dumps({"triton": triton.__version__, "arch": "sm_90", "variants": report}))
 
 
