@@ -14,9 +14,9 @@ from cases import TOL, assert_states_close, clone_params, fresh_grads, set_grads
 
 import fusedopt
 
-PAIRS = [pytest.param(fusedopt.Adam, torch.optim.Adam, id="adam"),
-         pytest.param(fusedopt.AdamW, torch.optim.AdamW, id="adamw"),
-         pytest.param(fusedopt.SGD, torch.optim.SGD, id="sgd")]
+TWINS = ["Adam", "AdamW", "SGD", "Adagrad", "Adadelta", "RMSprop", "NAdam", "RAdam", "Adamax"]
+PAIRS = [pytest.param(getattr(fusedopt, name), getattr(torch.optim, name), id=name.lower())
+         for name in TWINS]
 CPU = torch.device("cpu")
 
 
@@ -59,9 +59,21 @@ INVALID = [
     ("sgd", {"weight_decay": -1.0}), ("sgd", {"nesterov": True}),
     ("sgd", {"nesterov": True, "momentum": 0.9, "dampening": 0.1}),
     ("sgd", {"lr": torch.tensor([0.1, 0.2])}),
+    ("adagrad", {"lr": -0.1}), ("adagrad", {"lr_decay": -1.0}),
+    ("adagrad", {"weight_decay": -1.0}), ("adagrad", {"initial_accumulator_value": -0.5}),
+    ("adagrad", {"eps": -1e-10}),
+    ("adadelta", {"lr": -1.0}), ("adadelta", {"rho": 1.5}), ("adadelta", {"eps": -1.0}),
+    ("adadelta", {"weight_decay": -0.1}), ("adadelta", {"lr": torch.tensor([1.0, 2.0])}),
+    ("rmsprop", {"lr": -0.1}), ("rmsprop", {"eps": -1.0}), ("rmsprop", {"momentum": -0.5}),
+    ("rmsprop", {"weight_decay": -0.1}), ("rmsprop", {"alpha": -0.9}),
+    ("nadam", {"lr": -0.1}), ("nadam", {"betas": (1.0, 0.999)}), ("nadam", {"eps": -1.0}),
+    ("nadam", {"weight_decay": -0.1}), ("nadam", {"momentum_decay": -0.004}),
+    ("radam", {"lr": -0.1}), ("radam", {"betas": (0.9, 1.0)}), ("radam", {"eps": -1.0}),
+    ("radam", {"weight_decay": -0.1}),
+    ("adamax", {"lr": -0.1}), ("adamax", {"betas": (-0.1, 0.9)}), ("adamax", {"eps": -1.0}),
+    ("adamax", {"weight_decay": -0.1}), ("adamax", {"lr": torch.tensor([1.0, 2.0])}),
 ]
-CLASSES = {"adam": (fusedopt.Adam, torch.optim.Adam), "adamw": (fusedopt.AdamW, torch.optim.AdamW),
-           "sgd": (fusedopt.SGD, torch.optim.SGD)}
+CLASSES = {name.lower(): (getattr(fusedopt, name), getattr(torch.optim, name)) for name in TWINS}
 
 
 def _outcome(make):
@@ -109,9 +121,9 @@ def test_refused_torch_options(ours, theirs, option):
 def test_accepted_options_are_recorded_like_torch(ours, theirs):
     """The torch options fusedopt accepts are kept in param_groups as torch keeps them, so
     that a checkpoint loaded into torch.optim selects what the user asked for."""
-    kwargs = {"foreach": False, "fused": None, "differentiable": False}
-    if "capturable" in inspect.signature(theirs).parameters:
-        kwargs["capturable"] = False
+    accepted = inspect.signature(theirs).parameters
+    kwargs = {k: v for k, v in {"foreach": False, "fused": None, "differentiable": False,
+                                "capturable": False}.items() if k in accepted}
     opt = ours(_params(), **kwargs, backend="reference")
     ref = theirs(_params(), **kwargs)
     assert opt.param_groups[0].keys() == ref.param_groups[0].keys()
@@ -187,8 +199,10 @@ def test_step_without_any_grad_is_a_no_op(ours, theirs, backend, request):
     before = params[0].detach().clone()
     opt = ours(params, momentum=0.9, backend=backend) if ours is fusedopt.SGD \
         else ours(params, backend=backend)
+    state = _state_copy(opt)  # empty, but for Adagrad's, which torch makes in __init__
     opt.step()
-    assert torch.equal(params[0], before) and len(opt.state_dict()["state"]) == 0
+    assert torch.equal(params[0], before) and _states_equal(_state_copy(opt), state)
+    assert len(opt.state) == len(theirs(clone_params([params])[0]).state)
 
 
 # ---- sparse and non-float params ---------------------------------------------------------------
@@ -231,7 +245,8 @@ def test_sparse_grad_raises_and_changes_nothing(ours, theirs, backend, when, req
 def test_sparse_grad_in_a_mixed_dtype_group_changes_nothing(ours, theirs):
     """torch.optim.Adam checks a group's grads before updating any of its params; fusedopt
     must too, across its per-dtype buckets (here the float32 bucket runs before the float64
-    one). (torch.optim.SGD accepts sparse grads; fusedopt.SGD refuses them, by design.)"""
+    one). (torch.optim.SGD and Adagrad accept sparse grads; fusedopt refuses them: its kernels
+    walk dense storage.)"""
     params = [torch.randn(5, requires_grad=True),
               torch.randn(4, dtype=torch.float64, requires_grad=True)]
     twins = clone_params([params])[0]
@@ -241,14 +256,15 @@ def test_sparse_grad_in_a_mixed_dtype_group_changes_nothing(ours, theirs):
     for ps in (params, twins):
         ps[0].grad = torch.ones(5)
         ps[1].grad = torch.ones(4, dtype=torch.float64).to_sparse()
-    if theirs is not torch.optim.SGD:
+    if theirs not in (torch.optim.SGD, torch.optim.Adagrad):  # torch's two with sparse grads
         with pytest.raises(RuntimeError, match="sparse"):
             ref.step()
         assert torch.equal(twins[0], values[0])  # torch: no param changes (zero state may)
+    state = _state_copy(opt)
     with pytest.raises(RuntimeError, match="(?i)sparse"):
         opt.step()
     assert torch.equal(params[0], values[0]), "the float32 param was updated before the raise"
-    assert len(opt.state) == 0 or all(not s for s in opt.state.values())
+    assert _states_equal(_state_copy(opt), state), "state was created or changed"
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8],
@@ -279,6 +295,61 @@ def test_params_from_a_generator_and_zero_grad(ours, theirs):
     model(torch.randn(2, 6)).sum().backward()
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
+
+
+# ---- Lion and LAMB: no torch twin, torch's conventions ---------------------------------------
+
+PAPER = [pytest.param(fusedopt.Lion, {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0,
+                                      "maximize": False}, id="lion"),
+         pytest.param(fusedopt.LAMB, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6,
+                                      "weight_decay": 0.01, "bias_correction": True,
+                                      "maximize": False}, id="lamb")]
+
+
+@pytest.mark.parametrize("cls, defaults", PAPER)
+def test_paper_optimizers_defaults_and_errors(cls, defaults):
+    opt = cls(_params(), backend="reference")
+    assert isinstance(opt, torch.optim.Optimizer) and opt.defaults == defaults
+    invalid = [({"lr": -1.0}, "Invalid learning rate: -1.0"),
+               ({"betas": (1.0, 0.9)}, "Invalid beta parameter at index 0: 1.0"),
+               ({"betas": (0.9, -0.1)}, "Invalid beta parameter at index 1: -0.1"),
+               ({"weight_decay": -0.1}, "Invalid weight_decay value: -0.1"),
+               ({"lr": torch.tensor([1.0, 2.0])}, "Tensor lr must be 1-element")]
+    if "eps" in defaults:
+        invalid.append(({"eps": -1.0}, "Invalid epsilon value: -1.0"))
+    for kwargs, message in invalid:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            cls(_params(), **kwargs)
+    for engine_option in ("foreach", "fused", "capturable", "differentiable"):
+        with pytest.raises(TypeError):
+            cls(_params(), **{engine_option: True})
+    with pytest.raises(TypeError, match="Tensors"):
+        cls(torch.zeros(3))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("cls, defaults", PAPER)
+def test_paper_optimizers_closure_and_sparse(cls, defaults, backend, request):
+    if backend == "triton":
+        request.getfixturevalue("kernel_device")
+    model = _model()
+    opt = cls(model.parameters(), lr=0.01, backend=backend)
+    x, y = torch.randn(8, 6), torch.randn(8, 1)
+    losses = []
+    for _ in range(5):
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+        losses.append(opt.step(closure).item())
+    assert losses[-1] < losses[0]
+    params = list(model.parameters())
+    state = _state_copy(opt)
+    params[0].grad = params[0].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert _states_equal(_state_copy(opt), state)
 
 
 # ---- backend selection --------------------------------------------------------------------------
