@@ -7,9 +7,11 @@ them with torch.profiler)."""
 import pytest
 import torch
 from cases import (
+    ONE_PER_OPTIMIZER,
     TOL,
     assert_states_close,
     assert_unchanged,
+    cases,
     clone_params,
     flat,
     fresh_grads,
@@ -86,6 +88,26 @@ def test_one_launch_per_step_for_150_tensors_in_3_groups(opt_name, kernel_device
         grads = fresh_grads(params, step, skip=_skip)
         assert any(g is None for g in grads)
         _step_side_by_side(opt, params, ref, ref_params, grads, launches=1)
+        assert_states_close(opt, params, ref, ref_params, **TOL[torch.float32])
+    assert len(opt._buckets) == 1
+
+
+@pytest.mark.parametrize("case", cases(*(c for c in ONE_PER_OPTIMIZER
+                                         if not c.startswith(("adam-", "adamw", "sgd")))))
+def test_one_launch_per_step_for_every_optimizer(case, kernel_device):
+    """Every optimizer of the family: one launch per step over 60 tensors in three groups
+    with different hyperparameters and some grads None (LAMB: two, its norms and its update),
+    with the kernels' result the reference's."""
+    param_lists = _many_params(kernel_device, n=60)
+    ref_lists = clone_params(param_lists)
+    opt = case.make_fused(param_lists, "triton")
+    ref = case.make_fused(ref_lists, "reference")
+    params, ref_params = flat(param_lists), flat(ref_lists)
+    expected = 2 if case.fused_cls is fusedopt.LAMB else 1
+    assert opt.launches_per_step == expected
+    for step in range(2):
+        grads = fresh_grads(params, step, skip=_skip)
+        _step_side_by_side(opt, params, ref, ref_params, grads, launches=expected)
         assert_states_close(opt, params, ref, ref_params, **TOL[torch.float32])
     assert len(opt._buckets) == 1
 
