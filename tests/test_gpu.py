@@ -8,7 +8,7 @@ CUDA when it is present: their ``kernel_device`` fixture picks it.
 
 import pytest
 import torch
-from cases import TOL, assert_states_close, cases, flat, set_grads
+from cases import ONE_PER_OPTIMIZER, TOL, assert_states_close, cases, flat, set_grads
 
 import fusedopt
 from fusedopt import kernels
@@ -100,7 +100,7 @@ def _kernel_launches(opt, params, grads):
         opt.step()
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum("multi_tensor_step" in name for name in names), names
+    return sum("multi_tensor_" in name for name in names), names
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.bfloat16,),
@@ -128,3 +128,36 @@ def test_one_launch_per_step_in_the_profiler(cls, dtypes):
         count, names = _kernel_launches(opt, params, grads)
         assert kernels.launch_count() - before == len(dtypes)
         assert count == len(dtypes), (count, sorted(set(names))[:20])
+
+
+# The rest of the family: one case per optimizer (Lion and LAMB against the paper transcriptions)
+FAMILY = cases(*(c for c in ONE_PER_OPTIMIZER if not c.startswith(("adam-", "adamw", "sgd"))))
+
+
+@pytest.mark.parametrize("case", FAMILY)
+def test_family_float32_matches_torch(case):
+    ours = _gpt2_like(torch.float32)
+    theirs = _clone(ours)
+    opt = case.make_fused(ours, "triton")
+    ref = case.make_torch(theirs)
+    for step in range(STEPS):
+        grads = _grads(flat(ours), step)
+        set_grads(flat(ours), grads)
+        set_grads(flat(theirs), grads)
+        opt.step()
+        ref.step()
+    torch.cuda.synchronize()
+    assert {b.backend for b in opt._buckets} == {"triton"}
+    assert_states_close(opt, flat(ours), ref, flat(theirs), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("case", FAMILY)
+def test_family_launches_in_the_profiler(case):
+    """One launch per step whatever the tensor count (LAMB: its norms launch and its update)."""
+    params = _gpt2_like(torch.float32)
+    opt = case.make_fused(params, "triton")
+    set_grads(flat(params), _grads(flat(params), 0))
+    opt.step()
+    count, names = _kernel_launches(opt, flat(params), _grads(flat(params), 1))
+    assert count == opt.launches_per_step == (2 if case.fused_cls is fusedopt.LAMB else 1), (
+        count, sorted(set(names))[:20])
