@@ -206,6 +206,20 @@ ONE_PER_OPTIMIZER = ("adam-amsgrad-wd", "adamw-default", "sgd-momentum-dampening
                      "adamax-wd-maximize", "lion-wd-maximize", "lamb-default")
 
 
+#: the cases the costlier interpreter checks run: all of Adam/AdamW/SGD's and one case of every
+#: other optimizer (the interpreter is slow; the reference checks run every case)
+CORE = tuple(dict.fromkeys([c.id for c in CASES if c.fused_cls in (A, AW, S)]
+                           + list(ONE_PER_OPTIMIZER)))
+
+
+def case_grid(every_case: Sequence[torch.dtype], core_cases: Sequence[torch.dtype]) -> list:
+    """pytest params of (case, dtype): every case in ``every_case`` dtypes, plus the CORE
+    cases in ``core_cases`` dtypes."""
+    grid = [(c, d) for c in CASES for d in every_case]
+    grid += [(CASE_BY_ID[i], d) for i in CORE for d in core_cases]
+    return [pytest.param(c, d, id=f"{c.id}-{dtype_id(d)}") for c, d in grid]
+
+
 def cases(*ids: str) -> list:
     """pytest params for the given case ids (all cases when none are given)."""
     chosen = [CASE_BY_ID[i] for i in ids] if ids else CASES

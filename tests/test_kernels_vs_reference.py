@@ -20,6 +20,7 @@ from cases import (
     SMALL_SHAPES,
     TOL,
     assert_states_close,
+    case_grid,
     cases,
     clone_params,
     dtype_id,
@@ -41,8 +42,7 @@ def _kernel_and_reference(case, shapes, dtype, device):
     return ours, case.make_fused(ours, "triton"), theirs, case.make_fused(theirs, "reference")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
-@pytest.mark.parametrize("case", cases())
+@pytest.mark.parametrize(("case", "dtype"), case_grid([torch.float32], [torch.float64]))
 def test_kernel_matches_reference(case, dtype, kernel_device):
     ours, opt, theirs, ref = _kernel_and_reference(case, SMALL_SHAPES, dtype, kernel_device)
     launches = kernels.launch_count()
@@ -67,8 +67,7 @@ def _trajectory_errors(params, truth):
                       for p, t in zip(params, truth)])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
-@pytest.mark.parametrize("case", cases())
+@pytest.mark.parametrize(("case", "dtype"), case_grid([torch.bfloat16], [torch.float16]))
 def test_kernel_low_precision_vs_float64(case, dtype, kernel_device):
     """fusedopt's bf16/fp16 error against a float64 run is at most about torch's own.
 
