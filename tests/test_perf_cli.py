@@ -199,7 +199,22 @@ def test_host_overhead_subcommand(tmp_path, capsys):
     assert (tmp_path / "host.csv").read_text().startswith("workload,tensors,")
 
 
-def test_host_overhead_refuses_optimizers_fusedopt_lacks(capsys):
+def test_host_overhead_refuses_optimizers_fusedopt_lacks(capsys, monkeypatch):
+    """Every optimizer the harness knows is in fusedopt now; an older or partial fusedopt
+    (here: one without Lion) is refused with what it does have."""
+    from fusedopt.perf import impls
+
+    monkeypatch.setattr(impls, "fusedopt_optimizers", lambda: ["Adam", "AdamW", "SGD"])
     with pytest.raises(SystemExit):
         main(["host", "--optimizers", "Lion"])
     assert "fusedopt has Adam" in capsys.readouterr().err
+
+
+def test_harness_knows_every_fusedopt_optimizer():
+    import fusedopt
+    from fusedopt.perf import impls
+
+    elementwise = [n for n in fusedopt.__all__ if isinstance(getattr(fusedopt, n), type)
+                   and issubclass(getattr(fusedopt, n), fusedopt.FusedOptimizer)
+                   and n != "FusedOptimizer"]
+    assert sorted(impls.fusedopt_optimizers()) == sorted(elementwise)
