@@ -111,6 +111,13 @@ def _ema_square(average, x, beta):
 
 
 @triton.jit
+def _adam_hyperparams(hyper):
+    """The Adam family's first five hyperparameters: (lr, beta1, beta2, eps, weight_decay)."""
+    return (tl.load(hyper + 0), tl.load(hyper + 1), tl.load(hyper + 2), tl.load(hyper + 3),
+            tl.load(hyper + 4))
+
+
+@triton.jit
 def _moments(exp_avg, exp_avg_sq, grad, beta1, beta2):
     """Adam's moments, shared by Adam/AdamW, NAdam, RAdam and LAMB:
     m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g."""
@@ -130,11 +137,7 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, aux, fresh, sum
     p -= lr/(1-beta1^t) * m / (sqrt(v or vmax)/sqrt(1-beta2^t) + eps)
     """
     dt = param.dtype
-    lr = tl.load(hyper + 0)
-    beta1 = tl.load(hyper + 1)
-    beta2 = tl.load(hyper + 2)
-    eps = tl.load(hyper + 3)
-    weight_decay = tl.load(hyper + 4)
+    lr, beta1, beta2, eps, weight_decay = _adam_hyperparams(hyper)
     t = step.to(tl.float64)
     step_size = (lr / (1.0 - _power(beta1, t))).to(dt)
     bias_correction2_sqrt = tl.sqrt(1.0 - _power(beta2, t)).to(dt)
@@ -286,11 +289,7 @@ def nadam(param, grad, exp_avg, exp_avg_sq, _unused, step, mu_product, fresh, su
     p -= lr (1-mu_t)/(1-prod_t) g/d + lr mu_{t+1}/(1-prod_t mu_{t+1}) m/d
     """
     dt = param.dtype
-    lr = tl.load(hyper + 0)
-    beta1 = tl.load(hyper + 1)
-    beta2 = tl.load(hyper + 2)
-    eps = tl.load(hyper + 3)
-    weight_decay = tl.load(hyper + 4)
+    lr, beta1, beta2, eps, weight_decay = _adam_hyperparams(hyper)
     momentum_decay = tl.load(hyper + 5)
     t = step.to(tl.float64)
     bias_correction2 = (1.0 - _power(beta2, t)).to(dt)
@@ -318,11 +317,7 @@ def radam(param, grad, exp_avg, exp_avg_sq, _unused, step, aux, fresh, sum0, sum
     p -= lr m/(1-beta1^t) * [rho_t > 5: sqrt(1-beta2^t)/(sqrt(v)+eps) * rect_t]
     """
     dt = param.dtype
-    lr = tl.load(hyper + 0)
-    beta1 = tl.load(hyper + 1)
-    beta2 = tl.load(hyper + 2)
-    eps = tl.load(hyper + 3)
-    weight_decay = tl.load(hyper + 4)
+    lr, beta1, beta2, eps, weight_decay = _adam_hyperparams(hyper)
     t = step.to(tl.float64)
     bias_correction1 = 1.0 - _power(beta1, t)
     beta2_t = _power(beta2, t)
@@ -352,11 +347,7 @@ def adamax(param, grad, exp_avg, exp_inf, _unused, step, aux, fresh, sum0, sum1,
     m = lerp(m, g, 1-beta1);  u = max(beta2*u, |g| + eps);  p -= lr/(1-beta1^t) * m/u
     """
     dt = param.dtype
-    lr = tl.load(hyper + 0)
-    beta1 = tl.load(hyper + 1)
-    beta2 = tl.load(hyper + 2)
-    eps = tl.load(hyper + 3)
-    weight_decay = tl.load(hyper + 4)
+    lr, beta1, beta2, eps, weight_decay = _adam_hyperparams(hyper)
     clr = (lr / (1.0 - _power(beta1, step.to(tl.float64)))).to(dt)
     grad = _signed(grad, MAXIMIZE)
     param, grad = _weight_decay(param, grad, lr, weight_decay, False)

@@ -39,14 +39,14 @@ import triton.language as tl
 import triton.language.core as _tl_core  # noqa: F401
 
 from fusedopt.backend import interpreting as _interpreting
-from fusedopt.kernels.skeleton import BLOCK, ITERS, NUM_WARPS, _to_storage, work_list
-
-_TL_DTYPES = {
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-}
+from fusedopt.kernels.skeleton import (
+    _TL_DTYPES,
+    BLOCK,
+    ITERS,
+    NUM_WARPS,
+    _to_storage,
+    work_list,
+)
 
 # Operations, passed to the kernels as constexprs.
 _DOT = 0
