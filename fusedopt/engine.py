@@ -176,9 +176,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _record_engine(self) -> None:
         """Called after torch.optim's __init__, which has recorded the engine options in the
         groups as torch does (so a checkpoint loaded into torch.optim selects what was asked)."""
-        # torch's __init__ sets this for fused=True, which would make GradScaler hand step()
-        # grad_scale/found_inf; this step does not take them, so GradScaler unscales first.
-        self._step_supports_amp_scaling = False
+        # GradScaler then hands step() grad_scale / found_inf (as optimizer attributes) instead
+        # of unscaling the grads itself: the kernel unscales and skips on the device.
+        self._step_supports_amp_scaling = True
         self.state = _WatchedStates(self.state)
         self._seen_state_changes = -1
 
@@ -257,8 +257,20 @@ class FusedOptimizer(torch.optim.Optimizer):
     # ---- the step -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step: one kernel launch per (device, dtype, variant)."""
+    def step(self, closure: Callable[[], Any] | None = None, *,
+             grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> Any:
+        """Perform one optimization step: one kernel launch per (device, dtype, variant).
+
+        ``grad_scale`` and ``found_inf`` are AMP's (``torch.amp.GradScaler`` sets them as
+        attributes of the optimizer, as for torch's fused optimizers): the grads are divided
+        by ``grad_scale``, and where ``found_inf`` is nonzero nothing changes, step counts
+        included, decided on the device. ``last_step_skipped`` is then a device tensor saying
+        whether this step was skipped, readable without a host synchronisation.
+        """
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -287,9 +299,19 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise
         hyper = [self._hyperparams(g) for g in groups]
         for bucket in self._buckets:
-            bucket.run(hyper)
+            bucket.run(hyper, grad_scale, found_inf)
         self._seen_state_changes = self.state.changes[0]  # our own state writes included
+        self.last_step_skipped = self._skipped_flag(found_inf)
         return loss
+
+    def _skipped_flag(self, found_inf: Tensor | None) -> Tensor:
+        if found_inf is not None:
+            return found_inf != 0
+        device = self.param_groups[0]["params"][0].device
+        flag = getattr(self, "_never_skipped", None)
+        if flag is None or flag.device != device:
+            flag = self._never_skipped = torch.zeros((), dtype=torch.bool, device=device)
+        return flag
 
     def _scalar_names(self) -> tuple[str, ...]:
         """The per-parameter 0-dim state, first in torch's key order: step, then the spec's."""
@@ -359,8 +381,10 @@ class _Bucket:
             self._check_inputs(live, grads)
         self.pending = (grads, grad_ptrs, param_ptrs, live)
 
-    def run(self, hyper: list[dict[str, float]]) -> None:
-        """Update every param of the bucket that has a grad: one kernel launch."""
+    def run(self, hyper: list[dict[str, float]], grad_scale: Tensor | None = None,
+            found_inf: Tensor | None = None) -> None:
+        """Update every param of the bucket that has a grad: one kernel launch. AMP's
+        ``grad_scale`` / ``found_inf`` (0-dim tensors) unscale the grads / skip the update."""
         grads, grad_ptrs, param_ptrs, live = self.pending
         self.pending = None  # the grads are not kept alive past the step
         try:
@@ -371,9 +395,11 @@ class _Bucket:
             if self.backend == "triton":
                 if grad_ptrs != self.grad_ptrs:
                     self._patch_grads(grads, grad_ptrs)
-                self._run_triton(grads, hyper)
+                self._run_triton(grads, hyper, self._on_device(grad_scale),
+                                 self._on_device(found_inf))
             else:
-                self._run_reference([grads[i] for i in self.live], hyper)
+                self._run_reference([grads[i] for i in self.live], hyper, grad_scale,
+                                    found_inf)
         except BaseException:
             # Nothing ran (say, out of memory): forget the state this step created, so that
             # a retry starts it afresh (SGD's first momentum step is not its later ones).
@@ -484,7 +510,21 @@ class _Bucket:
 
     # ---- reference backend --------------------------------------------------------------------
 
-    def _run_reference(self, grads: list[Tensor], hyper: list[dict[str, float]]) -> None:
+    def _on_device(self, scalar: Tensor | None) -> Tensor | None:
+        """AMP's scalar as a float32 tensor on this bucket's device (GradScaler keeps them on
+        its own device; the copy, when one is needed, does not wait)."""
+        if scalar is None:
+            return None
+        return scalar.to(self.device, torch.float32, non_blocking=True)
+
+    def _run_reference(self, grads: list[Tensor], hyper: list[dict[str, float]],
+                       grad_scale: Tensor | None = None,
+                       found_inf: Tensor | None = None) -> None:
+        if found_inf is not None and found_inf.item() != 0:
+            return  # AMP saw an inf or NaN: GradScaler skips this step
+        if grad_scale is not None:  # GradScaler's unscale: times its float32 1/scale
+            inv_scale = grad_scale.double().reciprocal().float()
+            grads = [g * inv_scale.to(g.device) for g in grads]
         update = self.opt.reference_update
         aux_name = self.opt.scalar_state[0] if self.opt.scalar_state else None
         for k, (i, grad) in enumerate(zip(self.live, grads)):
@@ -544,7 +584,8 @@ class _Bucket:
         host = torch.frombuffer(array.array("q", values), dtype=torch.int64)
         self.table[self.cols[name]].copy_(host, non_blocking=True)
 
-    def _run_triton(self, grads: list[Tensor | None], hyper: list[dict[str, float]]) -> None:
+    def _run_triton(self, grads: list[Tensor | None], hyper: list[dict[str, float]],
+                    grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
         for k, copy in self.grad_copies.items():
             copy.copy_(grads[self.live[k]])
         rows = [tuple(h.values()) for h in hyper]
@@ -559,7 +600,7 @@ class _Bucket:
                 uses_step=self.opt.uses_step, dtype=self.dtype, tensors=self.table,
                 num_tensors=self.num_tensors, work=self.work, num_work=self.num_work,
                 hyper=self.hyper, done_counts=self.done_counts, advance_aux=self.advance_aux,
-                terms=self.terms, sums=self.sums)
+                terms=self.terms, sums=self.sums, grad_scale=grad_scale, found_inf=found_inf)
         if any(self.fresh):
             self.fresh = [False] * len(self.fresh)
             self._upload_column("FRESH", [0] * self.num_tensors)

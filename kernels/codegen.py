@@ -41,6 +41,9 @@ VARIANTS = {
     "adamax": ("Adamax", {}),
     "lion": ("Lion", {}),
     "lamb": ("LAMB", {}),
+    # "+amp": the same, launched with GradScaler's grad_scale and found_inf
+    "adamw+amp": ("AdamW", {}),
+    "lamb+amp": ("LAMB", {}),
 }
 
 
@@ -58,7 +61,8 @@ def variant(name: str) -> dict:
             "advance_aux": getattr(updates, opt.scalar_state[2]) if opt.scalar_state else None,
             "num_states": len(opt._state_names(opt._flags(opt.param_groups[0]))),
             "uses_step": opt.uses_step,
-            "flags": (flags + (False, False, False))[:3]}
+            "flags": (flags + (False, False, False))[:3],
+            "amp": name.endswith("+amp")}
 
 
 def compile_ptx(name: str, dtype: str, kernel: str = "step", arch: int = 90) -> str:
@@ -70,6 +74,7 @@ def compile_ptx(name: str, dtype: str, kernel: str = "step", arch: int = 90) -> 
     flags = spec["flags"]
     constexprs = dict(F0=flags[0], F1=flags[1], F2=flags[2], NUM_STATES=spec["num_states"],
                       USES_STEP=spec["uses_step"], ADVANCE_AUX=spec["advance_aux"],
+                      UNSCALE=spec["amp"], SKIP_ON_INF=spec["amp"],
                       STORAGE=storage, COMPUTE=compute, BLOCK=skeleton.BLOCK,
                       ITERS=skeleton.ITERS)
     sums_type = "*fp64" if dtype == "fp64" else "*fp32"
@@ -78,13 +83,15 @@ def compile_ptx(name: str, dtype: str, kernel: str = "step", arch: int = 90) -> 
         constexprs["TERMS"] = spec["terms"]
         signature = {k: v for k, v in _SIGNATURE.items() if k != "done_counts"}
         signature["sums"] = sums_type
+        signature.update(grad_scale="*fp32", found_inf="*fp32")
     else:
         fn = skeleton.multi_tensor_step
         has_sums = spec["terms"] is not None
         constexprs.update(UPDATE=spec["update"], HAS_SUMS=has_sums, ROUND_BF16_BY_HAND=False,
                           FINISH=spec["uses_step"] or spec["advance_aux"] is not None
                           or has_sums)
-        signature = dict(_SIGNATURE, sums=sums_type if has_sums else "*i32")
+        signature = dict(_SIGNATURE, sums=sums_type if has_sums else "*i32",
+                         grad_scale="*fp32", found_inf="*fp32")
     signature.update({name: "constexpr" for name in constexprs})
     source = ASTSource(fn=fn, signature=signature, constexprs={
         (fn.arg_names.index(name),): value for name, value in constexprs.items()})

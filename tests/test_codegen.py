@@ -16,13 +16,16 @@ import pytest
 pytest.importorskip("triton")
 
 from fusedopt.kernels import skeleton  # noqa: E402
+
+# one worker compiles the report for every test here (pytest -n 2 --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("codegen")
 from fusedopt.kernels.codegen import VARIANTS, variant  # noqa: E402
 
 DTYPES = ["fp32", "bf16", "fp64"]
 # Every variant in fp32; the other widths for one of each kind (compiling costs ~2 s each):
 # bf16 changes the vector widths, fp64 the opmath dtype and its float64 atomics.
 WIDE = ("adamw", "sgd-momentum-nesterov", "rmsprop-momentum-centered", "nadam-decoupled",
-        "lamb")
+        "lamb", "adamw+amp")
 PAIRS = [(name, dtype) for name in VARIANTS for dtype in DTYPES
          if dtype == "fp32" or name in WIDE]
 
