@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import importlib
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -298,11 +299,66 @@ class FusedOptimizer(torch.optim.Optimizer):
                 bucket.pending = None  # do not keep this step's grads alive
             raise
         hyper = [self._hyperparams(g) for g in groups]
+        clip_coef, self._clip_coef = getattr(self, "_clip_coef", None), None  # used once
         for bucket in self._buckets:
-            bucket.run(hyper, grad_scale, found_inf)
+            bucket.run(hyper, grad_scale, found_inf, clip_coef)
         self._seen_state_changes = self.state.changes[0]  # our own state writes included
         self.last_step_skipped = self._skipped_flag(found_inf)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad; a clip coefficient measured on the old grads is dropped too."""
+        self._clip_coef = None
+        super().zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> Tensor:
+        r"""``torch.nn.utils.clip_grad_norm_`` over this optimizer's grads, fused into the step.
+
+        .. math::
+            n = \Big(\sum_i \|g_i\|_p^p\Big)^{1/p}, \qquad
+            c = \min\Big(1, \frac{\text{max\_norm}}{n + 10^{-6}}\Big)
+
+        The norm takes one multi-tensor launch per (device, dtype) on the triton backend
+        (p = 1, 2 or inf; other p and complex grads use torch's norms), and ``c`` stays on the
+        device: the next ``step()`` multiplies the grads by it inside its update kernel. The
+        grads in memory are not rewritten; ``zero_grad()`` drops a pending ``c``. Under a
+        GradScaler call ``scaler.unscale_(opt)`` first, as torch documents for clipping.
+        Returns the total norm ``n`` (a 0-dim tensor, as torch's).
+        """
+        from fusedopt.backend import resolve_backend as backend_for
+
+        norm_type = float(norm_type)
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self._clip_coef = None
+        if not grads:
+            return torch.tensor(0.0)
+        if any(g.is_sparse or g.layout != torch.strided for g in grads):
+            raise RuntimeError(f"fusedopt.{type(self).__name__} does not support sparse "
+                               "gradients")
+        kinds: dict[tuple, list[Tensor]] = {}
+        for g in grads:
+            kinds.setdefault((g.device, g.dtype), []).append(g)
+        first_device = grads[0].device
+        norms = []
+        for (device, dtype), same in kinds.items():
+            fused = (backend_for(self._backend_request, device) == "triton"
+                     and norm_type in (1.0, 2.0, math.inf) and not dtype.is_complex
+                     and all(g.is_contiguous() for g in same))
+            norms.append((_multi_tensor_norm(same, norm_type) if fused
+                          else torch.linalg.vector_norm(
+                              torch.stack(torch._foreach_norm(same, norm_type)), norm_type)
+                          ).to(first_device))
+        total = (norms[0] if len(norms) == 1
+                 else torch.linalg.vector_norm(torch.stack(norms), norm_type))
+        if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
+            raise RuntimeError(
+                f"The total norm of order {norm_type} for gradients from `parameters` is "
+                "non-finite, so it cannot be clipped. To disable this error and scale the "
+                "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
+        self._clip_coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        return total
 
     def _skipped_flag(self, found_inf: Tensor | None) -> Tensor:
         if found_inf is not None:
@@ -327,6 +383,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 members.setdefault(key, []).append((p, index))
         return [_Bucket(self, device, dtype, flags[entries[0][1]], entries)
                 for (device, dtype, _), entries in members.items()]
+
+
+def _multi_tensor_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
+    """The p-norm (1, 2 or inf) of a list of tensors as one vector: one kernel launch."""
+    from fusedopt import kernels
+
+    if norm_type == 2.0:
+        return kernels.dot(tensors, tensors).sqrt()
+    return kernels.abs_sum(tensors) if norm_type == 1.0 else kernels.abs_max(tensors)
 
 
 class _ParamsRegrouped(Exception):
@@ -382,9 +447,10 @@ class _Bucket:
         self.pending = (grads, grad_ptrs, param_ptrs, live)
 
     def run(self, hyper: list[dict[str, float]], grad_scale: Tensor | None = None,
-            found_inf: Tensor | None = None) -> None:
+            found_inf: Tensor | None = None, clip_coef: Tensor | None = None) -> None:
         """Update every param of the bucket that has a grad: one kernel launch. AMP's
-        ``grad_scale`` / ``found_inf`` (0-dim tensors) unscale the grads / skip the update."""
+        ``grad_scale`` / ``found_inf`` (0-dim tensors) unscale the grads / skip the update;
+        ``clip_coef`` multiplies the (unscaled) grads."""
         grads, grad_ptrs, param_ptrs, live = self.pending
         self.pending = None  # the grads are not kept alive past the step
         try:
@@ -396,10 +462,11 @@ class _Bucket:
                 if grad_ptrs != self.grad_ptrs:
                     self._patch_grads(grads, grad_ptrs)
                 self._run_triton(grads, hyper, self._on_device(grad_scale),
-                                 self._on_device(found_inf))
+                                 self._on_device(found_inf),
+                                 self._on_device(clip_coef, self.opmath))
             else:
                 self._run_reference([grads[i] for i in self.live], hyper, grad_scale,
-                                    found_inf)
+                                    found_inf, clip_coef)
         except BaseException:
             # Nothing ran (say, out of memory): forget the state this step created, so that
             # a retry starts it afresh (SGD's first momentum step is not its later ones).
@@ -510,21 +577,29 @@ class _Bucket:
 
     # ---- reference backend --------------------------------------------------------------------
 
-    def _on_device(self, scalar: Tensor | None) -> Tensor | None:
-        """AMP's scalar as a float32 tensor on this bucket's device (GradScaler keeps them on
-        its own device; the copy, when one is needed, does not wait)."""
+    @property
+    def opmath(self) -> torch.dtype:
+        """The dtype the kernels compute in: float64 for float64 storage, else float32."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    def _on_device(self, scalar: Tensor | None, dtype: torch.dtype = torch.float32
+                   ) -> Tensor | None:
+        """A 0-dim tensor (AMP's, GradScaler's float32 ones, or the clip coefficient) on this
+        bucket's device in ``dtype``; the copy, when one is needed, does not wait."""
         if scalar is None:
             return None
-        return scalar.to(self.device, torch.float32, non_blocking=True)
+        return scalar.to(self.device, dtype, non_blocking=True)
 
     def _run_reference(self, grads: list[Tensor], hyper: list[dict[str, float]],
-                       grad_scale: Tensor | None = None,
-                       found_inf: Tensor | None = None) -> None:
+                       grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+                       clip_coef: Tensor | None = None) -> None:
         if found_inf is not None and found_inf.item() != 0:
             return  # AMP saw an inf or NaN: GradScaler skips this step
         if grad_scale is not None:  # GradScaler's unscale: times its float32 1/scale
             inv_scale = grad_scale.double().reciprocal().float()
             grads = [g * inv_scale.to(g.device) for g in grads]
+        if clip_coef is not None:  # clip_grad_norm_'s coefficient, as torch multiplies by it
+            grads = [g * clip_coef.to(g.device, g.dtype) for g in grads]
         update = self.opt.reference_update
         aux_name = self.opt.scalar_state[0] if self.opt.scalar_state else None
         for k, (i, grad) in enumerate(zip(self.live, grads)):
@@ -573,9 +648,7 @@ class _Bucket:
                             if self.opt.scalar_state else None)
         self.terms = getattr(updates, self.opt.kernel_terms) if self.opt.kernel_terms else None
         # Per-tensor sums of the terms, in the opmath dtype; the update launch re-zeroes them.
-        self.sums = (torch.zeros(n, 2, device=self.device,
-                                 dtype=torch.float64 if self.dtype == torch.float64
-                                 else torch.float32)
+        self.sums = (torch.zeros(n, 2, device=self.device, dtype=self.opmath)
                      if self.terms is not None else None)
 
     def _upload_column(self, name: str, values: list[int]) -> None:
@@ -585,7 +658,8 @@ class _Bucket:
         self.table[self.cols[name]].copy_(host, non_blocking=True)
 
     def _run_triton(self, grads: list[Tensor | None], hyper: list[dict[str, float]],
-                    grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+                    grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+                    clip_coef: Tensor | None = None) -> None:
         for k, copy in self.grad_copies.items():
             copy.copy_(grads[self.live[k]])
         rows = [tuple(h.values()) for h in hyper]
@@ -600,7 +674,8 @@ class _Bucket:
                 uses_step=self.opt.uses_step, dtype=self.dtype, tensors=self.table,
                 num_tensors=self.num_tensors, work=self.work, num_work=self.num_work,
                 hyper=self.hyper, done_counts=self.done_counts, advance_aux=self.advance_aux,
-                terms=self.terms, sums=self.sums, grad_scale=grad_scale, found_inf=found_inf)
+                terms=self.terms, sums=self.sums, grad_scale=grad_scale, found_inf=found_inf,
+                clip_coef=clip_coef)
         if any(self.fresh):
             self.fresh = [False] * len(self.fresh)
             self._upload_column("FRESH", [0] * self.num_tensors)

@@ -41,7 +41,8 @@ VARIANTS = {
     "adamax": ("Adamax", {}),
     "lion": ("Lion", {}),
     "lamb": ("LAMB", {}),
-    # "+amp": the same, launched with GradScaler's grad_scale and found_inf
+    # "+amp": the same, launched with GradScaler's grad_scale and found_inf and a clip
+    # coefficient
     "adamw+amp": ("AdamW", {}),
     "lamb+amp": ("LAMB", {}),
 }
@@ -74,7 +75,8 @@ def compile_ptx(name: str, dtype: str, kernel: str = "step", arch: int = 90) -> 
     flags = spec["flags"]
     constexprs = dict(F0=flags[0], F1=flags[1], F2=flags[2], NUM_STATES=spec["num_states"],
                       USES_STEP=spec["uses_step"], ADVANCE_AUX=spec["advance_aux"],
-                      UNSCALE=spec["amp"], SKIP_ON_INF=spec["amp"],
+                      UNSCALE=spec["amp"], SKIP_ON_INF=spec["amp"], CLIP=spec["amp"],
+                      SCALE_GRADS=spec["amp"],
                       STORAGE=storage, COMPUTE=compute, BLOCK=skeleton.BLOCK,
                       ITERS=skeleton.ITERS)
     sums_type = "*fp64" if dtype == "fp64" else "*fp32"
@@ -83,7 +85,7 @@ def compile_ptx(name: str, dtype: str, kernel: str = "step", arch: int = 90) -> 
         constexprs["TERMS"] = spec["terms"]
         signature = {k: v for k, v in _SIGNATURE.items() if k != "done_counts"}
         signature["sums"] = sums_type
-        signature.update(grad_scale="*fp32", found_inf="*fp32")
+        signature.update(grad_scale="*fp32", found_inf="*fp32", clip_coef=sums_type)
     else:
         fn = skeleton.multi_tensor_step
         has_sums = spec["terms"] is not None
@@ -91,7 +93,7 @@ def compile_ptx(name: str, dtype: str, kernel: str = "step", arch: int = 90) -> 
                           FINISH=spec["uses_step"] or spec["advance_aux"] is not None
                           or has_sums)
         signature = dict(_SIGNATURE, sums=sums_type if has_sums else "*i32",
-                         grad_scale="*fp32", found_inf="*fp32")
+                         grad_scale="*fp32", found_inf="*fp32", clip_coef=sums_type)
     signature.update({name: "constexpr" for name in constexprs})
     source = ASTSource(fn=fn, signature=signature, constexprs={
         (fn.arg_names.index(name),): value for name, value in constexprs.items()})

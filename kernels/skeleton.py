@@ -97,15 +97,15 @@ def _to_storage(x, STORAGE: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr):
 
 
 @triton.jit
-def _load_block(param, grad, s0, s1, s2, offs, mask, inv_scale, NUM_STATES: tl.constexpr,
-                COMPUTE: tl.constexpr, UNSCALE: tl.constexpr):
-    """One block of param, grad (unscaled by AMP's 1/scale when UNSCALE) and the states, in
-    the opmath dtype. Absent states are placeholders (copies of the param): never loaded,
-    never stored."""
+def _load_block(param, grad, s0, s1, s2, offs, mask, scaling, NUM_STATES: tl.constexpr,
+                COMPUTE: tl.constexpr, SCALE_GRADS: tl.constexpr):
+    """One block of param, grad (times ``scaling``, AMP's 1/scale and the clip coefficient,
+    when SCALE_GRADS) and the states, in the opmath dtype. Absent states are placeholders
+    (copies of the param): never loaded, never stored."""
     p = tl.load(param + offs, mask=mask).to(COMPUTE)
     g = tl.load(grad + offs, mask=mask).to(COMPUTE)
-    if UNSCALE:
-        g = g * inv_scale
+    if SCALE_GRADS:
+        g = g * scaling.to(COMPUTE)
     a = p
     b = p
     c = p
@@ -120,13 +120,13 @@ def _load_block(param, grad, s0, s1, s2, offs, mask, inv_scale, NUM_STATES: tl.c
 
 @triton.jit
 def _update_block(param, grad, s0, s1, s2, offs, mask, step, aux, fresh, sum0, sum1, hyper,
-                  inv_scale, UPDATE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr,
+                  scaling, UPDATE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr,
                   F2: tl.constexpr, NUM_STATES: tl.constexpr, STORAGE: tl.constexpr,
-                  COMPUTE: tl.constexpr, UNSCALE: tl.constexpr,
+                  COMPUTE: tl.constexpr, SCALE_GRADS: tl.constexpr,
                   ROUND_BF16_BY_HAND: tl.constexpr):
     """Load one block, apply UPDATE in the opmath dtype, store in the storage dtype."""
-    p, g, a, b, c = _load_block(param, grad, s0, s1, s2, offs, mask, inv_scale, NUM_STATES,
-                                COMPUTE, UNSCALE)
+    p, g, a, b, c = _load_block(param, grad, s0, s1, s2, offs, mask, scaling, NUM_STATES,
+                                COMPUTE, SCALE_GRADS)
     p, a, b, c = UPDATE(p, g, a, b, c, step, aux, fresh, sum0, sum1, hyper, F0, F1, F2)
     tl.store(param + offs, _to_storage(p, STORAGE, ROUND_BF16_BY_HAND), mask=mask)
     if NUM_STATES > 0:
@@ -167,19 +167,22 @@ def _chunk(tensors, num_tensors, work, STORAGE: tl.constexpr):
 
 
 @triton.jit
-def _amp(grad_scale, found_inf, UNSCALE: tl.constexpr, SKIP_ON_INF: tl.constexpr):
-    """AMP's GradScaler inputs: (run, 1/scale). ``run`` is false when found_inf is set: the
-    whole update is skipped on the device, step counts included. 1/scale is taken in float64
-    and rounded to float32, as GradScaler computes its inv_scale."""
+def _amp(grad_scale, found_inf, clip_coef, UNSCALE: tl.constexpr, SKIP_ON_INF: tl.constexpr,
+         CLIP: tl.constexpr):
+    """AMP's and clipping's inputs: (run, grad multiplier). ``run`` is false when found_inf is
+    set: the whole update is skipped on the device, step counts included. The multiplier is
+    GradScaler's 1/scale (taken in float64 and rounded to float32, as GradScaler computes its
+    inv_scale) times the clip coefficient of ``clip_grad_norm_``."""
     if SKIP_ON_INF:
         run = tl.load(found_inf) == 0.0
     else:
         run = True
+    multiplier = 1.0
     if UNSCALE:
-        inv_scale = (1.0 / tl.load(grad_scale).to(tl.float64)).to(tl.float32)
-    else:
-        inv_scale = 1.0
-    return run, inv_scale
+        multiplier = (1.0 / tl.load(grad_scale).to(tl.float64)).to(tl.float32)
+    if CLIP:
+        multiplier = multiplier * tl.load(clip_coef)
+    return run, multiplier
 
 
 @triton.jit
@@ -200,28 +203,28 @@ def _scalars(step_ptr, aux_ptr, hyper_row, USES_STEP: tl.constexpr, ADVANCE_AUX:
 
 @triton.jit(do_not_specialize=["num_tensors", "hyper_stride"])
 def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_counts, sums,
-                      grad_scale, found_inf,
+                      grad_scale, found_inf, clip_coef,
                       UPDATE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
                       NUM_STATES: tl.constexpr, USES_STEP: tl.constexpr,
                       ADVANCE_AUX: tl.constexpr, HAS_SUMS: tl.constexpr, FINISH: tl.constexpr,
-                      UNSCALE: tl.constexpr, SKIP_ON_INF: tl.constexpr,
-                      STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
+                      UNSCALE: tl.constexpr, SKIP_ON_INF: tl.constexpr, CLIP: tl.constexpr,
+                      SCALE_GRADS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
                       BLOCK: tl.constexpr, ITERS: tl.constexpr,
                       ROUND_BF16_BY_HAND: tl.constexpr):
     """Update one chunk of one tensor; the grid is the whole work list of the bucket."""
-    run, inv_scale = _amp(grad_scale, found_inf, UNSCALE, SKIP_ON_INF)
+    run, scaling = _amp(grad_scale, found_inf, clip_coef, UNSCALE, SKIP_ON_INF, CLIP)
     if run:
         _step_chunk(tensors, num_tensors, work, hyper, hyper_stride, done_counts, sums,
-                    inv_scale, UPDATE, F0, F1, F2, NUM_STATES, USES_STEP, ADVANCE_AUX,
-                    HAS_SUMS, FINISH, UNSCALE, STORAGE, COMPUTE, BLOCK, ITERS,
+                    scaling, UPDATE, F0, F1, F2, NUM_STATES, USES_STEP, ADVANCE_AUX,
+                    HAS_SUMS, FINISH, SCALE_GRADS, STORAGE, COMPUTE, BLOCK, ITERS,
                     ROUND_BF16_BY_HAND)
 
 
 @triton.jit
-def _step_chunk(tensors, num_tensors, work, hyper, hyper_stride, done_counts, sums, inv_scale,
+def _step_chunk(tensors, num_tensors, work, hyper, hyper_stride, done_counts, sums, scaling,
                 UPDATE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
                 NUM_STATES: tl.constexpr, USES_STEP: tl.constexpr, ADVANCE_AUX: tl.constexpr,
-                HAS_SUMS: tl.constexpr, FINISH: tl.constexpr, UNSCALE: tl.constexpr,
+                HAS_SUMS: tl.constexpr, FINISH: tl.constexpr, SCALE_GRADS: tl.constexpr,
                 STORAGE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
                 ITERS: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr):
     (t, start, numel, aligned, param, grad, s0, s1, s2, fresh, group, step_ptr,
@@ -253,16 +256,16 @@ def _step_chunk(tensors, num_tensors, work, hyper, hyper_stride, done_counts, su
             base = tl.multiple_of(start + i * BLOCK, BLOCK)
             offs = tl.max_contiguous(tl.multiple_of(base + lanes, BLOCK), BLOCK)
             _update_block(param, grad, s0, s1, s2, offs, None, step, aux, fresh, sum0, sum1,
-                          hyper_row, inv_scale, UPDATE, F0, F1, F2, NUM_STATES, STORAGE,
-                          COMPUTE, UNSCALE, ROUND_BF16_BY_HAND)
+                          hyper_row, scaling, UPDATE, F0, F1, F2, NUM_STATES, STORAGE,
+                          COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND)
     else:
         # A tensor's tail, or storage that is not 16-byte aligned (an odd view): masked,
         # unhinted loads that are correct for any address.
         for i in tl.static_range(ITERS):
             offs = start + i * BLOCK + lanes
             _update_block(param, grad, s0, s1, s2, offs, offs < numel, step, aux, fresh, sum0,
-                          sum1, hyper_row, inv_scale, UPDATE, F0, F1, F2, NUM_STATES, STORAGE,
-                          COMPUTE, UNSCALE, ROUND_BF16_BY_HAND)
+                          sum1, hyper_row, scaling, UPDATE, F0, F1, F2, NUM_STATES, STORAGE,
+                          COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND)
 
     if FINISH:
         # The last program to finish a tensor stores its new scalars and clears its sums for
@@ -281,12 +284,12 @@ def _step_chunk(tensors, num_tensors, work, hyper, hyper_stride, done_counts, su
 
 
 @triton.jit
-def _terms_block(param, grad, s0, s1, s2, offs, mask, step, aux, fresh, hyper, inv_scale,
+def _terms_block(param, grad, s0, s1, s2, offs, mask, step, aux, fresh, hyper, scaling,
                  TERMS: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
-                 NUM_STATES: tl.constexpr, COMPUTE: tl.constexpr, UNSCALE: tl.constexpr):
+                 NUM_STATES: tl.constexpr, COMPUTE: tl.constexpr, SCALE_GRADS: tl.constexpr):
     """TERMS of one block, with lanes past the end counted as 0."""
-    p, g, a, b, c = _load_block(param, grad, s0, s1, s2, offs, mask, inv_scale, NUM_STATES,
-                                COMPUTE, UNSCALE)
+    p, g, a, b, c = _load_block(param, grad, s0, s1, s2, offs, mask, scaling, NUM_STATES,
+                                COMPUTE, SCALE_GRADS)
     x, y = TERMS(p, g, a, b, c, step, aux, fresh, hyper, F0, F1, F2)
     if mask is not None:
         x = tl.where(mask, x, 0.0)
@@ -296,26 +299,27 @@ def _terms_block(param, grad, s0, s1, s2, offs, mask, step, aux, fresh, hyper, i
 
 @triton.jit(do_not_specialize=["num_tensors", "hyper_stride"])
 def multi_tensor_sums(tensors, num_tensors, work, hyper, hyper_stride, sums, grad_scale,
-                      found_inf, TERMS: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr,
-                      F2: tl.constexpr, NUM_STATES: tl.constexpr, USES_STEP: tl.constexpr,
-                      ADVANCE_AUX: tl.constexpr, UNSCALE: tl.constexpr,
-                      SKIP_ON_INF: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
+                      found_inf, clip_coef, TERMS: tl.constexpr, F0: tl.constexpr,
+                      F1: tl.constexpr, F2: tl.constexpr, NUM_STATES: tl.constexpr,
+                      USES_STEP: tl.constexpr, ADVANCE_AUX: tl.constexpr,
+                      UNSCALE: tl.constexpr, SKIP_ON_INF: tl.constexpr, CLIP: tl.constexpr,
+                      SCALE_GRADS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
                       BLOCK: tl.constexpr, ITERS: tl.constexpr):
     """Per-tensor sums of two element-wise TERMS over the same tables: one read-only launch
     whose results (``sums[t, 0..1]``) the update launch reads (LAMB's trust-ratio norms).
     Skipped, like the update, where AMP found an inf (the sums then stay zero)."""
-    run, inv_scale = _amp(grad_scale, found_inf, UNSCALE, SKIP_ON_INF)
+    run, scaling = _amp(grad_scale, found_inf, clip_coef, UNSCALE, SKIP_ON_INF, CLIP)
     if run:
-        _sums_chunk(tensors, num_tensors, work, hyper, hyper_stride, sums, inv_scale, TERMS,
-                    F0, F1, F2, NUM_STATES, USES_STEP, ADVANCE_AUX, UNSCALE, STORAGE, COMPUTE,
-                    BLOCK, ITERS)
+        _sums_chunk(tensors, num_tensors, work, hyper, hyper_stride, sums, scaling, TERMS,
+                    F0, F1, F2, NUM_STATES, USES_STEP, ADVANCE_AUX, SCALE_GRADS, STORAGE,
+                    COMPUTE, BLOCK, ITERS)
 
 
 @triton.jit
-def _sums_chunk(tensors, num_tensors, work, hyper, hyper_stride, sums, inv_scale,
+def _sums_chunk(tensors, num_tensors, work, hyper, hyper_stride, sums, scaling,
                 TERMS: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
                 NUM_STATES: tl.constexpr, USES_STEP: tl.constexpr, ADVANCE_AUX: tl.constexpr,
-                UNSCALE: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
+                SCALE_GRADS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
                 BLOCK: tl.constexpr, ITERS: tl.constexpr):
     (t, start, numel, aligned, param, grad, s0, s1, s2, fresh, group, step_ptr,
      aux_ptr) = _chunk(tensors, num_tensors, work, STORAGE)
@@ -339,16 +343,16 @@ def _sums_chunk(tensors, num_tensors, work, hyper, hyper_stride, sums, inv_scale
             base = tl.multiple_of(start + i * BLOCK, BLOCK)
             offs = tl.max_contiguous(tl.multiple_of(base + lanes, BLOCK), BLOCK)
             x, y = _terms_block(param, grad, s0, s1, s2, offs, None, step, aux, fresh,
-                                hyper_row, inv_scale, TERMS, F0, F1, F2, NUM_STATES, COMPUTE,
-                                UNSCALE)
+                                hyper_row, scaling, TERMS, F0, F1, F2, NUM_STATES, COMPUTE,
+                                SCALE_GRADS)
             acc0 += x
             acc1 += y
     else:
         for i in tl.static_range(ITERS):
             offs = start + i * BLOCK + lanes
             x, y = _terms_block(param, grad, s0, s1, s2, offs, offs < numel, step, aux, fresh,
-                                hyper_row, inv_scale, TERMS, F0, F1, F2, NUM_STATES, COMPUTE,
-                                UNSCALE)
+                                hyper_row, scaling, TERMS, F0, F1, F2, NUM_STATES, COMPUTE,
+                                SCALE_GRADS)
             acc0 += x
             acc1 += y
     tl.atomic_add(sums + 2 * t, tl.sum(acc0, axis=0))
@@ -359,24 +363,27 @@ def launch(update, flags, *, num_states: int, uses_step: bool, dtype: torch.dtyp
            tensors: torch.Tensor, num_tensors: int, work: torch.Tensor, num_work: int,
            hyper: torch.Tensor, done_counts: torch.Tensor, advance_aux=None, terms=None,
            sums: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
-           found_inf: torch.Tensor | None = None) -> None:
+           found_inf: torch.Tensor | None = None,
+           clip_coef: torch.Tensor | None = None) -> None:
     """Launch one multi-tensor step over a bucket's tables (see the module docstring).
 
     With ``terms``, first one :func:`multi_tensor_sums` launch fills ``sums`` (float
     ``[num_tensors, 2]`` in the opmath dtype, zero on entry; the step launch zeroes it again).
     ``grad_scale`` / ``found_inf``: AMP's float32 scalars on this device (GradScaler's): the
     grads are divided by the scale, and nothing at all changes where found_inf is nonzero.
+    ``clip_coef``: a float32 scalar on this device the grads are multiplied by (clipping).
     """
     global _launches
     f0, f1, f2 = (tuple(bool(f) for f in flags) + (False, False, False))[:3]
     common = dict(F0=f0, F1=f1, F2=f2, NUM_STATES=num_states, USES_STEP=uses_step,
                   ADVANCE_AUX=advance_aux, UNSCALE=grad_scale is not None,
-                  SKIP_ON_INF=found_inf is not None, STORAGE=_TL_DTYPES[dtype],
+                  SKIP_ON_INF=found_inf is not None, CLIP=clip_coef is not None,
+                  SCALE_GRADS=grad_scale is not None or clip_coef is not None,
+                  STORAGE=_TL_DTYPES[dtype],
                   COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
                   BLOCK=BLOCK, ITERS=ITERS, num_warps=NUM_WARPS)
     # unused pointer arguments get any tensor of the right kind: they are never read
-    amp = (grad_scale if grad_scale is not None else hyper,
-           found_inf if found_inf is not None else hyper)
+    amp = tuple(t if t is not None else hyper for t in (grad_scale, found_inf, clip_coef))
     if terms is not None:
         multi_tensor_sums[(num_work,)](tensors, num_tensors, work, hyper, hyper.shape[1], sums,
                                        *amp, TERMS=terms, **common)
