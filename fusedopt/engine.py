@@ -85,6 +85,17 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    """A torch.distributed DTensor (FSDP2's sharded params, their grads and states)."""
+    return type(t) is not Tensor and type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local(t: Tensor) -> Tensor:
+    """The part of ``t`` this process holds: a DTensor's local shard, else ``t`` itself. The
+    kernels address memory, and a DTensor's own address is not its shard's."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
 def _is_dense(t: Tensor) -> bool:
     """True if ``t`` covers one gap-free, non-overlapping run of memory (any dim order)."""
     if t.is_contiguous():
@@ -345,13 +356,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         for (device, dtype), same in kinds.items():
             fused = (backend_for(self._backend_request, device) == "triton"
                      and norm_type in (1.0, 2.0, math.inf) and not dtype.is_complex
-                     and all(g.is_contiguous() for g in same))
+                     and all(g.is_contiguous() and not _is_dtensor(g) for g in same))
             norms.append((_multi_tensor_norm(same, norm_type) if fused
                           else torch.linalg.vector_norm(
                               torch.stack(torch._foreach_norm(same, norm_type)), norm_type)
                           ).to(first_device))
         total = (norms[0] if len(norms) == 1
                  else torch.linalg.vector_norm(torch.stack(norms), norm_type))
+        if _is_dtensor(total):  # FSDP2: the norm over every shard, on every process
+            total = total.full_tensor()
         if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
             raise RuntimeError(
                 f"The total norm of order {norm_type} for gradients from `parameters` is "
@@ -411,6 +424,13 @@ class _Bucket:
         self.group_of = [g for _, g in entries]
         self.state_names = opt._state_names(flags)
         self.backend = resolve_backend(opt._backend_request, device)
+        # The reference path runs DTensor ops as they are; the kernels take the local shards.
+        self.sharded = self.backend == "triton" and any(map(_is_dtensor, self.params))
+        if self.sharded and opt.kernel_terms:
+            raise NotImplementedError(
+                f"fusedopt.{type(opt).__name__} with sharded (FSDP2/DTensor) parameters: its "
+                "per-tensor norms would need a reduction across the shards; use "
+                "backend='reference' for it")
         # What the cached tables were built for: -1 marks a param without a grad.
         self.grad_ptrs: list[int] | None = None
         self.param_ptrs: list[int] | None = None
@@ -428,12 +448,16 @@ class _Bucket:
         no check: torch's grad setter already enforces the param's dtype, shape and device.
         """
         grads = [p.grad for p in self.params]
+        # FSDP2: the kernels work on this process's shards (params, grads and states alike)
+        kernel_grads = ([None if g is None else _local(g) for g in grads] if self.sharded
+                        else grads)
         try:
-            grad_ptrs = [-1 if g is None else g.data_ptr() for g in grads]
+            grad_ptrs = [-1 if g is None else g.data_ptr() for g in kernel_grads]
         except RuntimeError:  # a sparse grad has no data pointer: say so clearly
             self._check_inputs([i for i, g in enumerate(grads) if g is not None], grads)
             raise
-        param_ptrs = [p.data_ptr() for p in self.params]
+        param_ptrs = [_local(p).data_ptr() if self.sharded else p.data_ptr()
+                      for p in self.params]
         moved = param_ptrs != self.param_ptrs
         if moved and any(p.device != self.device or _real(p).dtype != self.dtype
                          for p in self.params):
@@ -444,7 +468,7 @@ class _Bucket:
                 and [ptr != -1 for ptr in grad_ptrs] != self.present):
             live = [i for i, ptr in enumerate(grad_ptrs) if ptr != -1]
             self._check_inputs(live, grads)
-        self.pending = (grads, grad_ptrs, param_ptrs, live)
+        self.pending = (kernel_grads, grad_ptrs, param_ptrs, live)
 
     def run(self, hyper: list[dict[str, float]], grad_scale: Tensor | None = None,
             found_inf: Tensor | None = None, clip_coef: Tensor | None = None) -> None:
@@ -620,11 +644,12 @@ class _Bucket:
         self.kernels = kernels
         n = len(self.live)
         columns: dict[str, list[int]] = {name: [0] * n for name in kernels.COLUMNS}
+        local = _local if self.sharded else (lambda t: t)
         for k, i in enumerate(self.live):
-            p = self.params[i]
+            p = local(self.params[i])
             columns["PARAM"][k] = p.data_ptr()
             for j, s in enumerate(self.states[k]):
-                columns[f"STATE{j}"][k] = s.data_ptr()
+                columns[f"STATE{j}"][k] = local(s).data_ptr()
             if "step" in self.scalars[k]:
                 columns["STEP"][k] = self.scalars[k]["step"].data_ptr()
             if self.opt.scalar_state:
@@ -633,8 +658,9 @@ class _Bucket:
             columns["GROUP"][k] = self.group_of[i]
             columns["FRESH"][k] = int(self.fresh[k])
         table = torch.tensor([columns[name] for name in kernels.COLUMNS], dtype=torch.int64)
-        self.param_strides = [self.params[i].stride() for i in self.live]
-        self.params_contiguous = all(self.params[i].is_contiguous() for i in self.live)
+        self.kernel_params = [local(self.params[i]) for i in self.live]
+        self.param_strides = [p.stride() for p in self.kernel_params]
+        self.params_contiguous = all(p.is_contiguous() for p in self.kernel_params)
         self.table = table.to(self.device)
         self.num_tensors = n
         self.cols = {name: i for i, name in enumerate(kernels.COLUMNS)}
@@ -699,6 +725,6 @@ class _Bucket:
             grad_ptrs = list(grad_ptrs)
             for k, (stride, param_stride) in enumerate(zip(strides, self.param_strides)):
                 if stride != param_stride:
-                    self.grad_copies[k] = torch.empty_like(self.params[self.live[k]])
+                    self.grad_copies[k] = torch.empty_like(self.kernel_params[k])
                     grad_ptrs[k] = self.grad_copies[k].data_ptr()
         self._upload_column("GRAD", grad_ptrs)
