@@ -126,7 +126,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     * ``kernel_update``: name of its ``@triton.jit`` update in :mod:`fusedopt.kernels.updates`;
     * ``reference_update``: its readable per-tensor function in :mod:`fusedopt.reference`;
     * ``uses_step``: whether it keeps a per-parameter ``state["step"]``;
-    * ``_hyperparams(group)``: the numbers the update reads, in the kernel's order;
+    * ``_hyperparams(group)``: the numbers the update reads, in the kernel's order (floats,
+      or 0-dim tensors as torch allows for lr);
     * ``_flags(group)``: at most three booleans, the kernel's constexpr variants;
     * ``_state_names(flags)``: its state tensors (at most three), in the kernel's order;
     * ``_state_init(name, group)``: the value a new state tensor starts at (default 0).
@@ -168,12 +169,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _init_engine(self, backend: str | None, *, foreach=None, fused=None, capturable=False,
                      differentiable=False) -> None:
         """Called first in every __init__: check the backend name, and refuse the torch
-        options that choose another implementation or that fusedopt lacks, loudly."""
+        options that choose another implementation or that fusedopt lacks, loudly.
+        (``capturable`` is accepted: see :meth:`step`.)"""
         name = f"fusedopt.{type(self).__name__}"
         if differentiable:
             raise NotImplementedError(f"{name} does not support differentiable=True")
-        if capturable:
-            raise NotImplementedError(f"{name} does not support capturable=True yet")
         if foreach:
             raise ValueError(f"{name} always runs one fused multi-tensor kernel; foreach=True "
                              "selects torch's foreach implementation, use torch.optim for it")
@@ -278,6 +278,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         by ``grad_scale``, and where ``found_inf`` is nonzero nothing changes, step counts
         included, decided on the device. ``last_step_skipped`` is then a device tensor saying
         whether this step was skipped, readable without a host synchronisation.
+
+        With ``capturable=True`` (the twins that have it in torch) a step does no host
+        synchronisation and no host-to-device copy once its tables are built, so that after
+        an eager warm-up step it can be captured in a CUDA graph: tensor hyperparameters (a
+        CUDA tensor lr) are copied into the device table by device-side copies inside the
+        step, so an lr changed in place between replays takes effect. Float hyperparameters
+        are uploaded when they change, outside a capture (as in torch, a float lr changed
+        after capture is not seen by the replays).
         """
         if grad_scale is None:
             grad_scale = getattr(self, "grad_scale", None)
@@ -311,8 +319,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise
         hyper = [self._hyperparams(g) for g in groups]
         clip_coef, self._clip_coef = getattr(self, "_clip_coef", None), None  # used once
+        capturable = any(g.get("capturable", False) for g in groups)
         for bucket in self._buckets:
-            bucket.run(hyper, grad_scale, found_inf, clip_coef)
+            bucket.run(hyper, grad_scale, found_inf, clip_coef, capturable)
         self._seen_state_changes = self.state.changes[0]  # our own state writes included
         self.last_step_skipped = self._skipped_flag(found_inf)
         return loss
@@ -470,8 +479,9 @@ class _Bucket:
             self._check_inputs(live, grads)
         self.pending = (kernel_grads, grad_ptrs, param_ptrs, live)
 
-    def run(self, hyper: list[dict[str, float]], grad_scale: Tensor | None = None,
-            found_inf: Tensor | None = None, clip_coef: Tensor | None = None) -> None:
+    def run(self, hyper: list[dict[str, Any]], grad_scale: Tensor | None = None,
+            found_inf: Tensor | None = None, clip_coef: Tensor | None = None,
+            capturable: bool = False) -> None:
         """Update every param of the bucket that has a grad: one kernel launch. AMP's
         ``grad_scale`` / ``found_inf`` (0-dim tensors) unscale the grads / skip the update;
         ``clip_coef`` multiplies the (unscaled) grads."""
@@ -487,7 +497,7 @@ class _Bucket:
                     self._patch_grads(grads, grad_ptrs)
                 self._run_triton(grads, hyper, self._on_device(grad_scale),
                                  self._on_device(found_inf),
-                                 self._on_device(clip_coef, self.opmath))
+                                 self._on_device(clip_coef, self.opmath), capturable)
             else:
                 self._run_reference([grads[i] for i in self.live], hyper, grad_scale,
                                     found_inf, clip_coef)
@@ -625,6 +635,7 @@ class _Bucket:
         if clip_coef is not None:  # clip_grad_norm_'s coefficient, as torch multiplies by it
             grads = [g * clip_coef.to(g.device, g.dtype) for g in grads]
         update = self.opt.reference_update
+        hyper = [{k: float(v) for k, v in h.items()} for h in hyper]
         aux_name = self.opt.scalar_state[0] if self.opt.scalar_state else None
         for k, (i, grad) in enumerate(zip(self.live, grads)):
             step = self.scalars[k].get("step")
@@ -685,14 +696,10 @@ class _Bucket:
 
     def _run_triton(self, grads: list[Tensor | None], hyper: list[dict[str, float]],
                     grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-                    clip_coef: Tensor | None = None) -> None:
+                    clip_coef: Tensor | None = None, capturable: bool = False) -> None:
         for k, copy in self.grad_copies.items():
             copy.copy_(grads[self.live[k]])
-        rows = [tuple(h.values()) for h in hyper]
-        if rows != self.hyper_rows:
-            self.hyper = torch.tensor(rows, dtype=torch.float64).to(self.device,
-                                                                     non_blocking=True)
-            self.hyper_rows = rows
+        self._update_hyper_table(hyper, capturable)
         # Triton launches on the current CUDA device: make it this bucket's.
         with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
             self.kernels.launch(
@@ -705,6 +712,27 @@ class _Bucket:
         if any(self.fresh):
             self.fresh = [False] * len(self.fresh)
             self._upload_column("FRESH", [0] * self.num_tensors)
+
+    def _update_hyper_table(self, hyper: list[dict[str, Any]], capturable: bool) -> None:
+        """Re-upload the float64 hyperparameter table when a value changed. Capturable: tensor
+        values (a CUDA lr) are not read on the host (no sync) but copied into their slots on
+        the device at every step, so a CUDA graph replays the copies with the current lr."""
+        rows = [tuple(h.values()) for h in hyper]
+        if capturable:
+            slots = [(r, c, v) for r, row in enumerate(rows) for c, v in enumerate(row)
+                     if isinstance(v, Tensor)]
+            rows = [tuple(None if isinstance(v, Tensor) else float(v) for v in row)
+                    for row in rows]
+        else:
+            slots = []
+            rows = [tuple(map(float, row)) for row in rows]  # a CUDA tensor lr syncs here
+        if rows != self.hyper_rows:
+            table = [[0.0 if v is None else v for v in row] for row in rows]
+            self.hyper = torch.tensor(table, dtype=torch.float64).to(self.device,
+                                                                      non_blocking=True)
+            self.hyper_rows = rows
+        for r, c, value in slots:
+            self.hyper[r, c].copy_(value, non_blocking=True)
 
     def _patch_grads(self, grads: list[Tensor | None], grad_ptrs: list[int]) -> None:
         """New grad storage (after zero_grad(set_to_none=True)): re-point the grad column."""

@@ -21,7 +21,7 @@ def _maximize(group: dict) -> bool:
 def _adam_hyperparams(group: dict) -> dict[str, float]:
     """lr, betas, eps and weight decay: the numbers the Adam family's kernels read first."""
     beta1, beta2 = group["betas"]
-    return {"lr": float(group["lr"]), "beta1": float(beta1), "beta2": float(beta2),
+    return {"lr": group["lr"], "beta1": float(beta1), "beta2": float(beta2),
             "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"])}
 
 
@@ -51,8 +51,9 @@ class Adam(_AdamSpec, torch.optim.Adam):
     """torch.optim.Adam, one fused multi-tensor Triton launch per step.
 
     Same arguments as :class:`torch.optim.Adam`, plus ``backend`` ("auto", "triton" or
-    "reference"; default: $FUSEDOPT_BACKEND, else "auto"). ``foreach=True``, ``fused=False``,
-    ``capturable=True`` and ``differentiable=True`` are refused with an error.
+    "reference"; default: $FUSEDOPT_BACKEND, else "auto"). ``foreach=True``, ``fused=False``
+    and ``differentiable=True`` are refused with an error; ``capturable=True`` makes the step
+    free of host synchronisation, for CUDA graphs (see :meth:`FusedOptimizer.step`).
     See :func:`fusedopt.reference.adam` for the math.
     """
 
@@ -114,7 +115,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         self._record_engine()
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
-        return {"lr": float(group["lr"]), "momentum": float(group["momentum"]),
+        return {"lr": group["lr"], "momentum": float(group["momentum"]),
                 "dampening": float(group["dampening"]),
                 "weight_decay": float(group["weight_decay"])}
 
@@ -149,7 +150,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         self._record_engine()
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
-        return {"lr": float(group["lr"]), "lr_decay": float(group["lr_decay"]),
+        return {"lr": group["lr"], "lr_decay": float(group["lr_decay"]),
                 "weight_decay": float(group["weight_decay"]), "eps": float(group["eps"])}
 
     def _flags(self, group: dict) -> dict[str, bool]:
@@ -185,7 +186,7 @@ class Adadelta(FusedOptimizer, torch.optim.Adadelta):
         self._record_engine()
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
-        return {"lr": float(group["lr"]), "rho": float(group["rho"]),
+        return {"lr": group["lr"], "rho": float(group["rho"]),
                 "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"])}
 
     def _flags(self, group: dict) -> dict[str, bool]:
@@ -218,7 +219,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         self._record_engine()
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
-        return {"lr": float(group["lr"]), "alpha": float(group["alpha"]),
+        return {"lr": group["lr"], "alpha": float(group["alpha"]),
                 "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"]),
                 "momentum": float(group["momentum"])}
 
@@ -375,7 +376,7 @@ class Lion(FusedOptimizer):
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
         beta1, beta2 = group["betas"]
-        return {"lr": float(group["lr"]), "beta1": float(beta1), "beta2": float(beta2),
+        return {"lr": group["lr"], "beta1": float(beta1), "beta2": float(beta2),
                 "weight_decay": float(group["weight_decay"])}
 
     def _flags(self, group: dict) -> dict[str, bool]:
