@@ -193,6 +193,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._step_supports_amp_scaling = True
         self.state = _WatchedStates(self.state)
         self._seen_state_changes = -1
+        if "_compile_handle" not in self.__dict__:  # registered eagerly: dynamo only reads it
+            from fusedopt import compiled
+
+            self._compile_handle = compiled.register(self)
+        self._compile_params = [p for g in self.param_groups for p in g["params"]]
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -203,9 +208,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._layout = None
+        self._compile_params = [p for g in self.param_groups for p in g["params"]]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_backend_request": self._backend_request}
+        state = {**super().__getstate__(), "_backend_request": self._backend_request}
+        state.pop("_compile_handle", None)  # a copy registers itself afresh
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickling, deepcopy or load_state_dict: torch's attributes; the caches restart."""
@@ -291,6 +299,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
+        if torch.compiler.is_compiling():
+            return self._traced_step(closure, grad_scale, found_inf)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -325,6 +335,42 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._seen_state_changes = self.state.changes[0]  # our own state writes included
         self.last_step_skipped = self._skipped_flag(found_inf)
         return loss
+
+    def _traced_step(self, closure, grad_scale: Tensor | None,
+                     found_inf: Tensor | None) -> Any:
+        """What torch.compile traces of a step: the closure, then one opaque custom op
+        (:mod:`fusedopt.compiled`) that runs the eager step on the params it is given."""
+        from fusedopt import compiled
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # not self.param_groups: dynamo would guard on every value in them (a new lr would
+        # recompile); the op reads the hyperparameters itself, eagerly
+        params = self._compile_params
+        compiled.step_op(params, [p.grad for p in params], self._compile_handle, grad_scale,
+                         found_inf)
+        return loss
+
+    def _step_on(self, params: list[Tensor], grads: list[Tensor | None],
+                 grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """The custom op's body: an eager step where ``params``/``grads`` stand for the
+        optimizer's params and their grads. The compiler normally passes the params
+        themselves; where it passes copies, they are updated through the real params."""
+        real = [p for group in self.param_groups for p in group["params"]]
+        if len(params) != len(real) or any(a.shape != r.shape for a, r in zip(params, real)):
+            raise RuntimeError("fusedopt: the params of the compiled step are no longer the "
+                               "optimizer's (a param was replaced in its group): compile anew")
+        copies = [(r, a) for r, a in zip(real, params) if a.data_ptr() != r.data_ptr()]
+        for r, a in copies:
+            r.data.copy_(a)
+        for r, g in zip(real, grads):
+            if r.grad is not g:
+                r.grad = g
+        self.step(grad_scale=grad_scale, found_inf=found_inf)
+        for r, a in copies:
+            a.copy_(r.data)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's zero_grad; a clip coefficient measured on the old grads is dropped too."""

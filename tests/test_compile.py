@@ -1,0 +1,79 @@
+"""torch.compile: a compiled ``opt.step()`` is one ``fusedopt::step`` custom op in the graph
+(no graph break, ``fullgraph=True``), and compiled training matches eager torch.optim.
+Runs on the reference path and on the kernels (under the interpreter on CPU, on CUDA there)."""
+
+import pytest
+import torch
+from cases import CASE_BY_ID, TOL, assert_states_close
+
+CASES = ["adamw-default", "sgd-momentum-dampening-wd", "nadam-wd-momentum-decay", "lamb-default"]
+
+
+def _model(device, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(9, 33), torch.nn.Tanh(),
+                               torch.nn.Linear(33, 5)).to(device)
+
+
+def _recording_backend(graphs):
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case_id", CASES)
+def test_compiled_step_is_one_custom_op_and_matches_torch(case_id, backend, request):
+    device = request.getfixturevalue("kernel_device") if backend == "triton" else "cpu"
+    case = CASE_BY_ID[case_id]
+    model, twin = _model(device), _model(device)
+    opt = case.fused_cls(model.parameters(), **case.defaults(), backend=backend)
+    ref = case.torch_cls(twin.parameters(), **case.defaults(), foreach=False)
+    graphs = []
+    compiled_step = torch.compile(opt.step, fullgraph=True, backend=_recording_backend(graphs))
+    gen = torch.Generator().manual_seed(2)
+    for step in range(5):
+        x = torch.randn(16, 9, generator=gen).to(device)
+        y = torch.randn(16, 5, generator=gen).to(device)
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+        compiled_step()
+        ref.step()
+        for o in (opt, ref):  # a new lr reaches the op, without a recompile
+            for g in o.param_groups:
+                g["lr"] *= 0.8
+        assert_states_close(opt, list(model.parameters()), ref, list(twin.parameters()),
+                            **TOL[torch.float32], msg=f"step {step}:")
+    assert len(graphs) == 1, "the step recompiled (or broke into several graphs)"
+    ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.ops.fusedopt.step.default in ops
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_compiled_training_step_matches_eager(compile_backend, kernel_device):
+    """Forward, backward and step in one compiled function (autograd splits it), through
+    AOTAutograd's functionalization of the op's declared mutation, and inductor's."""
+    case = CASE_BY_ID["adamw-default"]
+    model, twin = _model(kernel_device), _model(kernel_device)
+    opt = case.fused_cls(model.parameters(), lr=1e-2, backend="triton")
+    ref = case.torch_cls(twin.parameters(), lr=1e-2, foreach=False)
+
+    def train_step(m, o, x, y):
+        o.zero_grad()
+        loss = torch.nn.functional.mse_loss(m(x), y)
+        loss.backward()
+        o.step()
+        return loss
+
+    compiled = torch.compile(train_step, backend=compile_backend)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(4):
+        x = torch.randn(16, 9, generator=gen).to(kernel_device)
+        y = torch.randn(16, 5, generator=gen).to(kernel_device)
+        loss = compiled(model, opt, x, y)
+        expected = train_step(twin, ref, x, y)
+        torch.testing.assert_close(loss, expected, **TOL[torch.float32])
+        assert_states_close(opt, list(model.parameters()), ref, list(twin.parameters()),
+                            **TOL[torch.float32], msg=f"step {step}:")
