@@ -368,7 +368,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         for r, g in zip(real, grads):
             if r.grad is not g:
                 r.grad = g
-        self.step(grad_scale=grad_scale, found_inf=found_inf)
+        # The class's step, not the instance's (which may be the compiled one: opt.step =
+        # torch.compile(opt.step)), without torch's hook wrapper: the traced call ran the hooks.
+        eager_step = type(self).step
+        getattr(eager_step, "__wrapped__", eager_step)(self, grad_scale=grad_scale,
+                                                       found_inf=found_inf)
         for r, a in copies:
             a.copy_(r.data)
 

@@ -77,3 +77,17 @@ def test_compiled_training_step_matches_eager(compile_backend, kernel_device):
         torch.testing.assert_close(loss, expected, **TOL[torch.float32])
         assert_states_close(opt, list(model.parameters()), ref, list(twin.parameters()),
                             **TOL[torch.float32], msg=f"step {step}:")
+
+
+def test_compiled_step_runs_hooks_once_and_eager_step_stays_eager():
+    case = CASE_BY_ID["adamw-default"]
+    model = _model("cpu")
+    opt = case.fused_cls(model.parameters(), lr=1e-2, backend="reference")
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    opt.step = torch.compile(opt.step)  # as one would in a training script
+    for _ in range(2):
+        model(torch.randn(4, 9)).sum().backward()
+        opt.step()
+    assert calls == ["pre", "post"] * 2
