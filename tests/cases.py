@@ -206,17 +206,20 @@ ONE_PER_OPTIMIZER = ("adam-amsgrad-wd", "adamw-default", "sgd-momentum-dampening
                      "adamax-wd-maximize", "lion-wd-maximize", "lamb-default")
 
 
-#: the cases the costlier interpreter checks run: all of Adam/AdamW/SGD's and one case of every
-#: other optimizer (the interpreter is slow; the reference checks run every case)
-CORE = tuple(dict.fromkeys([c.id for c in CASES if c.fused_cls in (A, AW, S)]
-                           + list(ONE_PER_OPTIMIZER)))
+#: the cases the costlier interpreter checks run (the interpreter is slow; the reference
+#: checks and the fp32 kernel check run every case): one per optimizer, plus the groups that
+#: mix variant flags and a tensor lr
+CORE = tuple(dict.fromkeys([*ONE_PER_OPTIMIZER, "adam-mixed-flags-groups",
+                            "sgd-mixed-flags-groups", "adamw-lr-tensor-wd", "sgd-nesterov"]))
 
 
-def case_grid(every_case: Sequence[torch.dtype], core_cases: Sequence[torch.dtype]) -> list:
-    """pytest params of (case, dtype): every case in ``every_case`` dtypes, plus the CORE
-    cases in ``core_cases`` dtypes."""
+def case_grid(every_case: Sequence[torch.dtype], core_cases: Sequence[torch.dtype] = (),
+              one_per_optimizer: Sequence[torch.dtype] = ()) -> list:
+    """pytest params of (case, dtype): every case in ``every_case`` dtypes, the CORE cases in
+    ``core_cases`` dtypes, one case per optimizer in ``one_per_optimizer`` dtypes."""
     grid = [(c, d) for c in CASES for d in every_case]
     grid += [(CASE_BY_ID[i], d) for i in CORE for d in core_cases]
+    grid += [(CASE_BY_ID[i], d) for i in ONE_PER_OPTIMIZER for d in one_per_optimizer]
     return [pytest.param(c, d, id=f"{c.id}-{dtype_id(d)}") for c, d in grid]
 
 
