@@ -23,6 +23,13 @@ element-wise map, still without a per-tensor launch:
   (NAdam's ``mu_product``);
 * ``TERMS``: two element-wise terms summed per tensor by :func:`multi_tensor_sums` in one
   launch before the update, which reads the sums (LAMB's norms ``||p||`` and ``||r + wd p||``).
+
+Training integration rides on the same launch, as three optional device scalars read by every
+program (no host synchronisation): ``grad_scale`` (UNSCALE: grads are multiplied by its fp32
+reciprocal, as GradScaler's unscale does), ``found_inf`` (SKIP_ON_INF: a nonzero value makes
+every program return before touching anything, ``step`` included) and ``clip_coef`` (CLIP:
+the global-norm clipping coefficient of ``clip_grad_norm_``, applied after unscaling).
+SCALE_GRADS is set when either factor applies, so the plain step pays for neither.
 """
 
 import torch

@@ -1,8 +1,9 @@
-"""Distributed data parallel: fusedopt under torch's DistributedDataParallel, unchanged.
+"""Distributed training: fusedopt under torch's DistributedDataParallel and FSDP2, unchanged.
 
-Two real processes on the CPU with the gloo backend (torch.multiprocessing), each stepping
-a fusedopt optimizer and a torch.optim one on identically wrapped models: DDP all-reduces
-the grads, the optimizers must then agree with each other and across ranks.
+Real process groups (torch.multiprocessing), each rank stepping a fusedopt optimizer and a
+torch.optim one on identically wrapped models: the optimizers must agree with each other and
+across ranks. Without a GPU: two CPU ranks on gloo, the kernels under the interpreter. With
+CUDA, the kernel runs use NCCL, one rank per GPU (at most two; one rank on a one-GPU machine).
 """
 
 import os
@@ -27,9 +28,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, port: int, backend: str, results: dict) -> None:
+def _join(rank: int, port: int, dist_backend: str, world: int, device: str) -> torch.device:
+    """Join the process group; this rank's device (its own GPU on CUDA)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(dist_backend, rank=rank, world_size=world)
+    return torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
+
+
+def _spawn(worker, backend: str, request, *args) -> dict:
+    """Run ``worker`` on every rank; its results by rank. The kernels run where the
+    ``kernel_device`` fixture says: on CUDA over NCCL, else on gloo CPU ranks."""
+    device = request.getfixturevalue("kernel_device") if backend == "triton" else "cpu"
+    if device == "cuda":
+        dist_backend, world = "nccl", min(WORLD, torch.cuda.device_count())
+    else:
+        dist_backend, world = "gloo", WORLD
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(_free_port(), backend, dist_backend, world, device, *args, results),
+             nprocs=world, join=True)
+    assert sorted(results.keys()) == list(range(world))
+    return dict(results)
+
+
+def _ddp_worker(rank: int, port: int, backend: str, dist_backend: str, world: int, device: str,
+                results: dict) -> None:
+    device = _join(rank, port, dist_backend, world, device)
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -38,21 +63,23 @@ def _ddp_worker(rank: int, port: int, backend: str, results: dict) -> None:
         def model():
             torch.manual_seed(0)  # the same start on every rank
             return torch.nn.Sequential(torch.nn.Linear(13, 37), torch.nn.Tanh(),
-                                       torch.nn.Linear(37, 3))
+                                       torch.nn.Linear(37, 3)).to(device)
 
-        ours, theirs = DDP(model()), DDP(model())
+        ids = [device.index] if device.type == "cuda" else None
+        ours, theirs = DDP(model(), device_ids=ids), DDP(model(), device_ids=ids)
         opt = fusedopt.AdamW(ours.parameters(), lr=1e-2, weight_decay=0.1, backend=backend)
         ref = torch.optim.AdamW(theirs.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
         gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
         for _ in range(STEPS):
-            x, y = torch.randn(8, 13, generator=gen), torch.randn(8, 3, generator=gen)
+            x = torch.randn(8, 13, generator=gen).to(device)
+            y = torch.randn(8, 3, generator=gen).to(device)
             for m, o in ((ours, opt), (theirs, ref)):
                 o.zero_grad()
                 torch.nn.functional.mse_loss(m(x), y).backward()
                 o.step()
         mine = torch.cat([p.detach().flatten() for p in ours.parameters()])
         torch_ = torch.cat([p.detach().flatten() for p in theirs.parameters()])
-        gathered = [torch.empty_like(mine) for _ in range(WORLD)]
+        gathered = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine)
         results[rank] = ((mine - torch_).abs().max().item(),
                          max((g - mine).abs().max().item() for g in gathered),
@@ -63,46 +90,45 @@ def _ddp_worker(rank: int, port: int, backend: str, results: dict) -> None:
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_ddp_matches_torch_on_two_gloo_ranks(backend, request):
-    if backend == "triton":
-        request.getfixturevalue("kernel_device")
-    results = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(_free_port(), backend, results), nprocs=WORLD, join=True)
-    assert sorted(results.keys()) == list(range(WORLD))
-    for rank, (vs_torch, across_ranks, moved) in results.items():
+def test_ddp_matches_torch(backend, request):
+    for rank, (vs_torch, across_ranks, moved) in _spawn(_ddp_worker, backend, request).items():
         assert vs_torch < 1e-6, f"rank {rank}: fusedopt vs torch.optim under DDP: {vs_torch}"
         assert across_ranks == 0.0, f"rank {rank}: the replicas diverged by {across_ranks}"
         assert moved > 1e-3, f"rank {rank}: the params barely moved"
 
 
-def _fsdp_worker(rank: int, port: int, backend: str, checkpoint_dir: str, results: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _fsdp_worker(rank: int, port: int, backend: str, dist_backend: str, world: int,
+                 device: str, checkpoint_dir: str, results: dict) -> None:
+    device = _join(rank, port, dist_backend, world, device)
     try:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
             get_optimizer_state_dict,
             set_optimizer_state_dict,
         )
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         import fusedopt
 
+        # explicit: fully_shard's default mesh is on the accelerator, even for CPU ranks
+        mesh = init_device_mesh(device.type, (world,))
+
         def model():
             torch.manual_seed(0)
             m = torch.nn.Sequential(torch.nn.Linear(13, 37), torch.nn.Tanh(),
-                                    torch.nn.Linear(37, 3))
+                                    torch.nn.Linear(37, 3)).to(device)
             for layer in m:
                 if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer)
-            return fully_shard(m)
+                    fully_shard(layer, mesh=mesh)
+            return fully_shard(m, mesh=mesh)
 
         def make(cls, m, **extra):
             return cls(m.parameters(), lr=1e-2, weight_decay=0.1, **extra)
 
         gen = torch.Generator().manual_seed(100 + rank)
-        batches = [(torch.randn(8, 13, generator=gen), torch.randn(8, 3, generator=gen) * 5)
-                   for _ in range(STEPS + 2)]
+        batches = [(torch.randn(8, 13, generator=gen).to(device),
+                    torch.randn(8, 3, generator=gen).to(device) * 5) for _ in range(STEPS + 2)]
 
         def train(m, o, batch_slice, clip):
             for x, y in batch_slice:
@@ -147,12 +173,7 @@ def test_fsdp2_and_distributed_checkpoint_match_torch(backend, request, tmp_path
     """FSDP2 (fully_shard) params are DTensors: the kernels update each rank's shards, global
     gradient clipping sees every shard, and torch.distributed.checkpoint saves and restores
     fusedopt's state: the run continues as torch.optim's uninterrupted one."""
-    if backend == "triton":
-        request.getfixturevalue("kernel_device")
-    results = mp.Manager().dict()
-    mp.spawn(_fsdp_worker, args=(_free_port(), backend, str(tmp_path / "ckpt"), results),
-             nprocs=WORLD, join=True)
-    assert sorted(results.keys()) == list(range(WORLD))
+    results = _spawn(_fsdp_worker, backend, request, str(tmp_path / "ckpt"))
     for rank, (vs_torch, moved, step) in results.items():
         assert vs_torch < 1e-5, f"rank {rank}: fusedopt vs torch.optim under FSDP2: {vs_torch}"
         assert moved > 1e-3, f"rank {rank}: the params barely moved"
