@@ -416,7 +416,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             fused = (backend_for(self._backend_request, device) == "triton"
                      and norm_type in (1.0, 2.0, math.inf) and not dtype.is_complex
                      and all(g.is_contiguous() and not _is_dtensor(g) for g in same))
-            norms.append((_multi_tensor_norm(same, norm_type) if fused
+            norms.append((self._multi_tensor_norm(same, norm_type) if fused
                           else torch.linalg.vector_norm(
                               torch.stack(torch._foreach_norm(same, norm_type)), norm_type)
                           ).to(first_device))
@@ -431,6 +431,23 @@ class FusedOptimizer(torch.optim.Optimizer):
                 "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
         self._clip_coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         return total
+
+    def _multi_tensor_norm(self, grads: list[Tensor], norm_type: float) -> Tensor:
+        """The p-norm (1, 2 or inf) of same-device, same-dtype grads as one vector: one
+        kernel launch. The numel column and work list are kept while the sizes stay (building
+        them every step would cost host time); the address column is uploaded afresh each
+        call, without a wait, and no grad is kept alive between calls."""
+        from fusedopt import kernels
+
+        key = (grads[0].device, grads[0].dtype)
+        numels = tuple(g.numel() for g in grads)
+        layouts = self.__dict__.setdefault("_norm_layouts", {})
+        if key not in layouts or layouts[key].numels != numels:
+            layouts[key] = kernels.Layout(numels, key[0])
+        table = kernels.TensorTable(grads, layouts[key])
+        if norm_type == 2.0:
+            return kernels.dot(table, table).sqrt()
+        return kernels.abs_sum(table) if norm_type == 1.0 else kernels.abs_max(table)
 
     def _skipped_flag(self, found_inf: Tensor | None) -> Tensor:
         if found_inf is not None:
@@ -455,15 +472,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                 members.setdefault(key, []).append((p, index))
         return [_Bucket(self, device, dtype, flags[entries[0][1]], entries)
                 for (device, dtype, _), entries in members.items()]
-
-
-def _multi_tensor_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
-    """The p-norm (1, 2 or inf) of a list of tensors as one vector: one kernel launch."""
-    from fusedopt import kernels
-
-    if norm_type == 2.0:
-        return kernels.dot(tensors, tensors).sqrt()
-    return kernels.abs_sum(tensors) if norm_type == 1.0 else kernels.abs_max(tensors)
 
 
 class _ParamsRegrouped(Exception):

@@ -81,7 +81,9 @@ def work_list(numels: list[int], device: torch.device) -> tuple[torch.Tensor, in
     tensor_of = torch.repeat_interleave(torch.arange(len(numels)), chunks)
     first_chunk = torch.cumsum(chunks, 0) - chunks
     starts = (torch.arange(len(tensor_of)) - first_chunk[tensor_of]) * CHUNK
-    return torch.stack([tensor_of, starts], dim=1).contiguous().to(device), len(tensor_of)
+    # non_blocking: a pageable host->device copy then does not wait for the device's queue
+    work = torch.stack([tensor_of, starts], dim=1).contiguous()
+    return work.to(device, non_blocking=True), len(tensor_of)
 
 
 def launch_count() -> int:

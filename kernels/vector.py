@@ -226,7 +226,9 @@ class Layout:
     def __init__(self, numels: Sequence[int], device: torch.device):
         self.numels = tuple(numels)
         self.device = torch.device(device)
-        self.numel_column = torch.tensor(self.numels, dtype=torch.int64).to(self.device)
+        # a pageable host->device copy with non_blocking does not wait for the device
+        self.numel_column = torch.tensor(self.numels, dtype=torch.int64).to(self.device,
+                                                                             non_blocking=True)
         self.work, self.num_work = work_list(list(self.numels), self.device)
         self._scratch: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 

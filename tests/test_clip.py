@@ -124,3 +124,29 @@ def test_clip_without_grads_and_nonfinite():
     next(model.parameters()).grad[0, 0] = torch.nan
     with pytest.raises(RuntimeError, match="non-finite"):
         opt.clip_grad_norm_(1.0, error_if_nonfinite=True)
+
+
+def test_clip_follows_new_grad_storage_and_keeps_no_grad_alive(kernel_device):
+    """The norm launch keeps its sizes between calls, not its grads: grads in new storage
+    (zero_grad(set_to_none=True)) are measured where they now are, a param that loses its
+    grad drops out of the norm, and a dropped grad is freed."""
+    import gc
+    import weakref
+
+    model = _model().to(kernel_device)
+    opt = CASE_BY_ID["adamw-default"].fused_cls(model.parameters(), backend="triton")
+    params = list(model.parameters())
+    for step, (x, y) in enumerate(_batches(torch.float32)[:4]):
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x.to(kernel_device)), y.to(kernel_device)).backward()
+        if step == 2:
+            params[0].grad = None  # a smaller set of grads: other sizes
+        if step == 3:
+            params[1].grad = params[1].grad.clone() * 3  # one grad in fresh storage
+        with_grads = [p for p in params if p.grad is not None]
+        expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in with_grads]))
+        torch.testing.assert_close(opt.clip_grad_norm_(0.5), expected, rtol=1e-6, atol=0)
+    dropped = weakref.ref(params[1].grad)
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert dropped() is None, "the clip kept a grad alive"
