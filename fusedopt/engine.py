@@ -730,7 +730,7 @@ class _Bucket:
         self.kernel_params = [local(self.params[i]) for i in self.live]
         self.param_strides = [p.stride() for p in self.kernel_params]
         self.params_contiguous = all(p.is_contiguous() for p in self.kernel_params)
-        self.table = table.to(self.device)
+        self.table = table.to(self.device, non_blocking=True)  # (no wait: see _upload_column)
         self.num_tensors = n
         self.cols = {name: i for i, name in enumerate(kernels.COLUMNS)}
         self.work, self.num_work = kernels.work_list(columns["NUMEL"], self.device)
