@@ -444,10 +444,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         layouts = self.__dict__.setdefault("_norm_layouts", {})
         if key not in layouts or layouts[key].numels != numels:
             layouts[key] = kernels.Layout(numels, key[0])
-        table = kernels.TensorTable(grads, layouts[key])
-        if norm_type == 2.0:
-            return kernels.dot(table, table).sqrt()
-        return kernels.abs_sum(table) if norm_type == 1.0 else kernels.abs_max(table)
+        # in the opmath dtype, then rounded once, as torch's norms
+        return kernels.norm(kernels.TensorTable(grads, layouts[key]), norm_type).to(key[1])
 
     def _skipped_flag(self, found_inf: Tensor | None) -> Tensor:
         if found_inf is not None:

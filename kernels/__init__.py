@@ -19,10 +19,11 @@ from fusedopt.kernels.vector import (
     axpy,
     copy,
     dot,
+    norm,
     scale,
 )
 from fusedopt.kernels.vector import launch_count as vector_launch_count
 
 __all__ = ["CHUNK", "COLUMNS", "launch", "launch_count", "work_list",
-           "Layout", "TensorTable", "abs_max", "abs_sum", "axpy", "copy", "dot", "scale",
+           "Layout", "TensorTable", "abs_max", "abs_sum", "axpy", "copy", "dot", "norm", "scale",
            "vector_launch_count"]

@@ -332,7 +332,8 @@ def radam(param, grad, exp_avg, exp_avg_sq, _unused, step, aux, fresh, sum0, sum
     if rho_t > 5.0:
         rect = tl.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
                        / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
-        adaptive_lr = _div(tl.sqrt(bias_correction2).to(dt) + 0.0 * exp_avg_sq,
+        # (zeros_like: the numerator must be block-shaped; 0 * v would be NaN where v is inf)
+        adaptive_lr = _div(tl.sqrt(bias_correction2).to(dt) + tl.zeros_like(exp_avg_sq),
                            _sqrt(exp_avg_sq) + eps.to(dt))
         update = update * adaptive_lr * rect.to(dt)
     param = param - update

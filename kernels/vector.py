@@ -5,6 +5,7 @@ These are the linear algebra of :class:`fusedopt.LBFGS` (two-loop recursion, lin
 
 * ``dot(xs, ys)``, ``abs_sum(xs)``, ``abs_max(xs)`` -> 0-dim tensor in the vectors' dtype
   (torch's ``torch.dot``, ``x.abs().sum()``, ``x.abs().max()`` of the concatenation);
+  ``norm(xs, p)`` -> the 1-, 2- or inf-norm in the opmath dtype (gradient clipping's);
 * ``axpy(alpha, xs, ys)``: ``ys += alpha * xs``;  ``scale(alpha, xs)``: ``xs *= alpha``;
   ``copy(xs, ys, alpha=1)``: ``ys = alpha * xs``.
 
@@ -25,6 +26,7 @@ combines the partials in program order and writes the result. That scratch belon
 :class:`Layout`: reductions over one layout must not run concurrently on several streams.
 """
 
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 
@@ -149,9 +151,10 @@ def _reduce_kernel(x_addrs, y_addrs, numels, work, num_work, partials, counter, 
                 total += part
             first += COMBINE
         result = _combine(total, OP)
-        if ROUND_BF16_BY_HAND and STORAGE == tl.bfloat16:
-            result = _to_storage(result, STORAGE, ROUND_BF16_BY_HAND)
-        tl.store(out, result.to(STORAGE))
+        out_dtype = out.dtype.element_ty  # the vectors' dtype, or COMPUTE for norms
+        if ROUND_BF16_BY_HAND and out_dtype == tl.bfloat16:
+            result = _to_storage(result, out_dtype, ROUND_BF16_BY_HAND)
+        tl.store(out, result.to(out_dtype))
         tl.store(counter, 0)  # ready for the next launch
 
 
@@ -308,11 +311,12 @@ def _device_guard(device: torch.device):
 # ---- the operations -----------------------------------------------------------------------------
 
 
-def _reduce(op: int, xs: TensorTable, ys: TensorTable) -> torch.Tensor:
+def _reduce(op: int, xs: TensorTable, ys: TensorTable, out_dtype: torch.dtype | None = None
+            ) -> torch.Tensor:
     global _launches
     layout = xs.layout
     partials, counter = layout.scratch(_compute(xs.dtype))
-    out = torch.empty((), dtype=xs.dtype, device=xs.device)
+    out = torch.empty((), dtype=out_dtype or xs.dtype, device=xs.device)
     with _device_guard(xs.device):
         _reduce_kernel[(layout.num_work,)](
             xs.addresses, ys.addresses, layout.numel_column, layout.work, layout.num_work,
@@ -340,6 +344,21 @@ def abs_max(xs) -> torch.Tensor:
     every tensor is empty), as a 0-dim tensor."""
     xs = _table(xs)
     return _reduce(_ABS_MAX, xs, xs)
+
+
+def norm(xs, norm_type: float = 2.0) -> torch.Tensor:
+    """The p-norm (p = 1, 2 or inf) of every element of every tensor, as one vector: one
+    launch. Accumulated *and returned* in the opmath dtype (fp32 for half storage): the sum
+    of squares of fp16 grads overflows fp16 long before their norm does."""
+    xs = _table(xs)
+    compute = _compute(xs.dtype)
+    if norm_type == 2.0:
+        return _reduce(_DOT, xs, xs, compute).sqrt()
+    if norm_type == 1.0:
+        return _reduce(_ABS_SUM, xs, xs, compute)
+    if norm_type == math.inf:
+        return _reduce(_ABS_MAX, xs, xs, compute)
+    raise ValueError(f"the vector kernels compute 1-, 2- and inf-norms, not {norm_type}")
 
 
 def _elementwise(op: int, alpha, xs: TensorTable, ys: TensorTable) -> None:

@@ -150,3 +150,26 @@ def test_clip_follows_new_grad_storage_and_keeps_no_grad_alive(kernel_device):
     opt.zero_grad(set_to_none=True)
     gc.collect()
     assert dropped() is None, "the clip kept a grad alive"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_clip_half_grads_whose_squares_overflow(dtype, kernel_device):
+    """fp16 grads of norm ~570 have a sum of squares past fp16's max (65504): the norm must be
+    accumulated in fp32, as torch's is, not come out inf (which would zero every grad)."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(300, 700), (1000,), (33, 7)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype).to(kernel_device))
+            for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for p, q in zip(ours, theirs):
+        p.grad = torch.randn(p.shape, generator=gen).to(dtype).to(kernel_device) * 2
+        q.grad = p.grad.clone()
+    opt = CASE_BY_ID["adamw-default"].fused_cls(ours, backend="triton")
+    norm = opt.clip_grad_norm_(1.0)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert float(expected) ** 2 > torch.finfo(torch.float16).max
+    assert norm.dtype == dtype
+    torch.testing.assert_close(norm, expected, rtol=1e-2, atol=0)
+    opt.step()
+    moved = max(float((p - q).abs().max()) for p, q in zip(ours, theirs))
+    assert moved > 1e-4, "clipping by an infinite norm zeroed the update"
