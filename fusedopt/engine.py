@@ -251,6 +251,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for s, g in zip(saved_groups, self.param_groups)):
             return  # torch.optim's own loader raises its usual error for these
         for saved, group in zip(saved_groups, self.param_groups):
+            # keys an older torch did not save take their defaults, as torch's loader does
+            saved = {**self.defaults, **saved}
             try:
                 self._hyperparams(saved)
                 names = self._state_names(self._flags(saved))
@@ -359,7 +361,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         optimizer's params and their grads. The compiler normally passes the params
         themselves; where it passes copies, they are updated through the real params."""
         real = [p for group in self.param_groups for p in group["params"]]
-        if len(params) != len(real) or any(a.shape != r.shape for a, r in zip(params, real)):
+        if (len(params) != len(real) or len(self._compile_params) != len(real)
+                or any(a.shape != r.shape for a, r in zip(params, real))
+                or any(c is not r for c, r in zip(self._compile_params, real))):
             raise RuntimeError("fusedopt: the params of the compiled step are no longer the "
                                "optimizer's (a param was replaced in its group): compile anew")
         copies = [(r, a) for r, a in zip(real, params) if a.data_ptr() != r.data_ptr()]

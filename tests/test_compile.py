@@ -91,3 +91,22 @@ def test_compiled_step_runs_hooks_once_and_eager_step_stays_eager():
         model(torch.randn(4, 9)).sum().backward()
         opt.step()
     assert calls == ["pre", "post"] * 2
+
+
+def test_compiled_step_refuses_a_param_replaced_in_its_group():
+    """The compiled graph holds the params it was traced with: after a param is swapped for
+    another in ``param_groups`` the op must say so, not write the old param's values into
+    the new one."""
+    model = _model("cpu")
+    opt = CASE_BY_ID["adamw-default"].fused_cls(model.parameters(), backend="reference")
+    compiled_step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    model(torch.randn(4, 9)).sum().backward()
+    compiled_step()
+    old = opt.param_groups[0]["params"][0]
+    new = torch.nn.Parameter(torch.randn_like(old))
+    new.grad = torch.randn_like(old)
+    opt.param_groups[0]["params"][0] = new
+    before = new.detach().clone()
+    with pytest.raises(RuntimeError, match="replaced in its group"):
+        compiled_step()
+    assert torch.equal(new.detach(), before)

@@ -298,3 +298,35 @@ def test_named_parameters_round_trip():
     opt.load_state_dict(_checkpoint(ref))
     assert_states_close(opt, list(model.parameters()), ref, list(twin.parameters()),
                         **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("case", cases(*[i for i in CORE if CASE_BY_ID[i].torch_cls.__module__
+                                          .startswith("torch.optim")]))
+def test_older_torch_checkpoints_without_newer_group_keys_load(case):
+    """A group key that an older torch did not save (NAdam's decoupled_weight_decay, SGD's
+    nesterov, ...) is filled in by torch's loader: wherever the torch twin loads a checkpoint
+    without one such key, fusedopt loads it too, to the same param_groups."""
+    params = make_params(SMALL_SHAPES, torch.float32)
+    stepped = clone_params(params)
+    torch_opt = case.make_torch(stepped)
+    set_grads(flat(stepped), fresh_grads(flat(stepped), 0, skip=None))
+    torch_opt.step()
+    dropped = 0
+    for key in _checkpoint(torch_opt)["param_groups"][0]:
+        if key in ("params", "lr"):
+            continue
+        sd = _checkpoint(torch_opt)
+        for group in sd["param_groups"]:
+            group.pop(key, None)
+        twin = case.make_torch(clone_params(params))
+        try:
+            twin.load_state_dict(sd)
+        except (KeyError, ValueError):
+            continue  # torch needs this key too
+        dropped += 1
+        opt = case.make_fused(clone_params(params), "reference")
+        opt.load_state_dict(sd)
+        for ours, theirs in zip(opt.param_groups, twin.param_groups):
+            assert {k: v for k, v in ours.items() if k != "params"} == {
+                k: v for k, v in theirs.items() if k != "params"}, key
+    assert dropped, "torch refused every trimmed checkpoint: the test checked nothing"
