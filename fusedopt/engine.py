@@ -127,7 +127,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     * ``reference_update``: its readable per-tensor function in :mod:`fusedopt.reference`;
     * ``uses_step``: whether it keeps a per-parameter ``state["step"]``;
     * ``_hyperparams(group)``: the numbers the update reads, in the kernel's order (floats,
-      or 0-dim tensors as torch allows for lr);
+      or one-element tensors as torch allows for lr and the Adam family's betas);
     * ``_flags(group)``: at most three booleans, the kernel's constexpr variants;
     * ``_state_names(flags)``: its state tensors (at most three), in the kernel's order;
     * ``_state_init(name, group)``: the value a new state tensor starts at (default 0).
@@ -284,10 +284,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Perform one optimization step: one kernel launch per (device, dtype, variant).
 
         ``grad_scale`` and ``found_inf`` are AMP's (``torch.amp.GradScaler`` sets them as
-        attributes of the optimizer, as for torch's fused optimizers): the grads are divided
-        by ``grad_scale``, and where ``found_inf`` is nonzero nothing changes, step counts
-        included, decided on the device. ``last_step_skipped`` is then a device tensor saying
-        whether this step was skipped, readable without a host synchronisation.
+        attributes of the optimizer, as for torch's fused optimizers): the grads are
+        multiplied by the float32 ``1 / grad_scale`` (as GradScaler unscales), and where
+        ``found_inf`` is nonzero nothing changes, step counts included, decided on the device.
+        ``last_step_skipped`` is then a device tensor saying whether this step was skipped,
+        readable without a host synchronisation.
 
         With ``capturable=True`` (the twins that have it in torch) a step does no host
         synchronisation and no host-to-device copy once its tables are built, so that after
@@ -295,7 +296,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         CUDA tensor lr) are copied into the device table by device-side copies inside the
         step, so an lr changed in place between replays takes effect. Float hyperparameters
         are uploaded when they change, outside a capture (as in torch, a float lr changed
-        after capture is not seen by the replays).
+        after capture is not seen by the replays). Without capturable, tensor hyperparameters
+        on a GPU take the same device-side copies (no sync); CPU ones are read on the host.
         """
         if grad_scale is None:
             grad_scale = getattr(self, "grad_scale", None)
@@ -774,25 +776,25 @@ class _Bucket:
             self._upload_column("FRESH", [0] * self.num_tensors)
 
     def _update_hyper_table(self, hyper: list[dict[str, Any]], capturable: bool) -> None:
-        """Re-upload the float64 hyperparameter table when a value changed. Capturable: tensor
-        values (a CUDA lr) are not read on the host (no sync) but copied into their slots on
-        the device at every step, so a CUDA graph replays the copies with the current lr."""
+        """Re-upload the float64 hyperparameter table when a value changed. Tensor values on
+        an accelerator (a CUDA lr), and with capturable every tensor value, are not read on
+        the host (that would sync) but copied into their slots on the device at every step,
+        so a CUDA graph replays the copies with the current values. CPU tensors are read."""
+
+        def in_slot(value: Any) -> bool:
+            return isinstance(value, Tensor) and (capturable or value.device.type != "cpu")
+
         rows = [tuple(h.values()) for h in hyper]
-        if capturable:
-            slots = [(r, c, v) for r, row in enumerate(rows) for c, v in enumerate(row)
-                     if isinstance(v, Tensor)]
-            rows = [tuple(None if isinstance(v, Tensor) else float(v) for v in row)
-                    for row in rows]
-        else:
-            slots = []
-            rows = [tuple(map(float, row)) for row in rows]  # a CUDA tensor lr syncs here
+        slots = [(r, c, v) for r, row in enumerate(rows) for c, v in enumerate(row)
+                 if in_slot(v)]
+        rows = [tuple(None if in_slot(v) else float(v) for v in row) for row in rows]
         if rows != self.hyper_rows:
             table = [[0.0 if v is None else v for v in row] for row in rows]
             self.hyper = torch.tensor(table, dtype=torch.float64).to(self.device,
                                                                       non_blocking=True)
             self.hyper_rows = rows
-        for r, c, value in slots:
-            self.hyper[r, c].copy_(value, non_blocking=True)
+        for r, c, value in slots:  # (reshape: torch takes any one-element tensor)
+            self.hyper[r, c].copy_(value.reshape(()), non_blocking=True)
 
     def _patch_grads(self, grads: list[Tensor | None], grad_ptrs: list[int]) -> None:
         """New grad storage (after zero_grad(set_to_none=True)): re-point the grad column."""

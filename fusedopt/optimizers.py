@@ -18,10 +18,11 @@ def _maximize(group: dict) -> bool:
     return bool(group.get("maximize", False))
 
 
-def _adam_hyperparams(group: dict) -> dict[str, float]:
-    """lr, betas, eps and weight decay: the numbers the Adam family's kernels read first."""
+def _adam_hyperparams(group: dict) -> dict[str, float | Tensor]:
+    """lr, betas, eps and weight decay: the numbers the Adam family's kernels read first.
+    lr and betas may be tensors (as torch allows): the engine reads them without a sync."""
     beta1, beta2 = group["betas"]
-    return {"lr": group["lr"], "beta1": float(beta1), "beta2": float(beta2),
+    return {"lr": group["lr"], "beta1": beta1, "beta2": beta2,
             "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"])}
 
 

@@ -379,7 +379,8 @@ def launch(update, flags, *, num_states: int, uses_step: bool, dtype: torch.dtyp
     With ``terms``, first one :func:`multi_tensor_sums` launch fills ``sums`` (float
     ``[num_tensors, 2]`` in the opmath dtype, zero on entry; the step launch zeroes it again).
     ``grad_scale`` / ``found_inf``: AMP's float32 scalars on this device (GradScaler's): the
-    grads are divided by the scale, and nothing at all changes where found_inf is nonzero.
+    grads are multiplied by the scale's float32 reciprocal, and nothing at all changes where
+    found_inf is nonzero.
     ``clip_coef``: a float32 scalar on this device the grads are multiplied by (clipping).
     """
     global _launches

@@ -8,6 +8,7 @@ torch.optim while a scheduler changes the tensor lr in place. On CUDA (gpu-marke
 captured in a ``torch.cuda.CUDAGraph`` and its replays are compared with eager steps.
 """
 
+import inspect
 from unittest import mock
 
 import pytest
@@ -39,11 +40,19 @@ def test_capturable_step_reads_nothing_on_the_host(case_id, kernel_device):
     case = CASE_BY_ID[case_id]
     ours = make_params(SMALL_SHAPES, torch.float32, device=kernel_device)
     theirs = clone_params(ours)
-    lrs = [torch.tensor(v, device=kernel_device) for v in (1e-2, 3e-2, 5e-3)]
+    # tensor lrs (one of shape [1], which torch takes too) and, where there are betas, tensor
+    # betas: all read on the device
+    lrs = [torch.tensor(v, device=kernel_device) for v in ([1e-2], 3e-2, 5e-3)]
+    extra = dict(case.defaults())
+    their_extra = dict(extra)
+    if "betas" in inspect.signature(case.torch_cls).parameters:
+        extra["betas"] = (torch.tensor(0.85, device=kernel_device),
+                          torch.tensor(0.98, device=kernel_device))
+        their_extra["betas"] = tuple(b.cpu() for b in extra["betas"])
     opt = case.fused_cls([{"params": g, "lr": lr} for g, lr in zip(ours, lrs)],
-                         **case.defaults(), capturable=True, backend="triton")
+                         **extra, capturable=True, backend="triton")
     ref = case.torch_cls([{"params": g, "lr": lr.clone()} for g, lr in zip(theirs, lrs)],
-                         **case.defaults(), foreach=False)
+                         **their_extra, foreach=False)
     assert all(g["capturable"] for g in opt.param_groups)
     for step in range(6):
         grads = fresh_grads(flat(ours), step, skip=None)
