@@ -403,7 +403,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         GradScaler call ``scaler.unscale_(opt)`` first, as torch documents for clipping.
         Returns the total norm ``n`` (a 0-dim tensor, as torch's).
         """
-        from fusedopt.backend import resolve_backend as backend_for
+        from fusedopt.backend import resolve_backend
 
         norm_type = float(norm_type)
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -419,7 +419,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         first_device = grads[0].device
         norms = []
         for (device, dtype), same in kinds.items():
-            fused = (backend_for(self._backend_request, device) == "triton"
+            fused = (resolve_backend(self._backend_request, device) == "triton"
                      and norm_type in (1.0, 2.0, math.inf) and not dtype.is_complex
                      and all(g.is_contiguous() and not _is_dtensor(g) for g in same))
             norms.append((self._multi_tensor_norm(same, norm_type) if fused
@@ -751,8 +751,9 @@ class _Bucket:
                      if self.terms is not None else None)
 
     def _upload_column(self, name: str, values: list[int]) -> None:
-        # array -> frombuffer is ~10x faster than torch.tensor(list) for thousands of ints, and
-        # a pageable host->device copy with non_blocking does not wait for the device.
+        # array -> frombuffer is ~10x faster than torch.tensor(list) for thousands of ints;
+        # non_blocking: torch skips the stream synchronisation a blocking copy ends with (the
+        # driver stages the pageable source, so these small tables go without waiting)
         host = torch.frombuffer(array.array("q", values), dtype=torch.int64)
         self.table[self.cols[name]].copy_(host, non_blocking=True)
 

@@ -81,7 +81,8 @@ def work_list(numels: list[int], device: torch.device) -> tuple[torch.Tensor, in
     tensor_of = torch.repeat_interleave(torch.arange(len(numels)), chunks)
     first_chunk = torch.cumsum(chunks, 0) - chunks
     starts = (torch.arange(len(tensor_of)) - first_chunk[tensor_of]) * CHUNK
-    # non_blocking: a pageable host->device copy then does not wait for the device's queue
+    # non_blocking: torch skips the stream synchronisation a blocking copy ends with (the
+    # driver stages the pageable source, so these small tables go without waiting)
     work = torch.stack([tensor_of, starts], dim=1).contiguous()
     return work.to(device, non_blocking=True), len(tensor_of)
 
@@ -147,7 +148,7 @@ def _update_block(param, grad, s0, s1, s2, offs, mask, step, aux, fresh, sum0, s
 
 
 @triton.jit
-def _chunk(tensors, num_tensors, work, STORAGE: tl.constexpr):
+def _chunk(tensors, num_tensors, work):
     """This program's chunk: its tensor's row of the table, read once.
 
     Returns (tensor index, first element, numel, aligned, the param/grad/s0/s1/s2 addresses,
@@ -237,7 +238,7 @@ def _step_chunk(tensors, num_tensors, work, hyper, hyper_stride, done_counts, su
                 STORAGE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
                 ITERS: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr):
     (t, start, numel, aligned, param, grad, s0, s1, s2, fresh, group, step_ptr,
-     aux_ptr) = _chunk(tensors, num_tensors, work, STORAGE)
+     aux_ptr) = _chunk(tensors, num_tensors, work)
     param = param.to(tl.pointer_type(STORAGE))
     grad = grad.to(tl.pointer_type(STORAGE))
     s0 = s0.to(tl.pointer_type(STORAGE))
@@ -281,6 +282,9 @@ def _step_chunk(tensors, num_tensors, work, hyper, hyper_stride, done_counts, su
         # the next step: acq_rel atomics order every other program's reads of the old values
         # before these writes. No extra launch.
         chunks = tl.maximum((numel + BLOCK * ITERS - 1) // (BLOCK * ITERS), 1)
+        # every warp of this program has read the old scalars and sums before one thread's
+        # release below can let the tensor's last program overwrite them
+        tl.debug_barrier()
         if tl.atomic_add(done_counts + t, 1) == chunks - 1:
             if USES_STEP:
                 tl.store(step_ptr, step)
@@ -331,7 +335,7 @@ def _sums_chunk(tensors, num_tensors, work, hyper, hyper_stride, sums, scaling,
                 SCALE_GRADS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
                 BLOCK: tl.constexpr, ITERS: tl.constexpr):
     (t, start, numel, aligned, param, grad, s0, s1, s2, fresh, group, step_ptr,
-     aux_ptr) = _chunk(tensors, num_tensors, work, STORAGE)
+     aux_ptr) = _chunk(tensors, num_tensors, work)
     param = param.to(tl.pointer_type(STORAGE))
     grad = grad.to(tl.pointer_type(STORAGE))
     s0 = s0.to(tl.pointer_type(STORAGE))

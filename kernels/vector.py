@@ -229,7 +229,8 @@ class Layout:
     def __init__(self, numels: Sequence[int], device: torch.device):
         self.numels = tuple(numels)
         self.device = torch.device(device)
-        # a pageable host->device copy with non_blocking does not wait for the device
+        # non_blocking: torch skips the stream synchronisation a blocking copy ends with (the
+        # driver stages the pageable source, so these small tables go without waiting)
         self.numel_column = torch.tensor(self.numels, dtype=torch.int64).to(self.device,
                                                                              non_blocking=True)
         self.work, self.num_work = work_list(list(self.numels), self.device)
@@ -279,7 +280,8 @@ class TensorTable:
         self.layout = layout
         self.dtype = first.dtype
         self.device = first.device
-        # a pageable host->device copy with non_blocking does not wait for the device
+        # non_blocking: torch skips the stream synchronisation a blocking copy ends with (the
+        # driver stages the pageable source, so these small tables go without waiting)
         self.addresses = torch.tensor([t.data_ptr() for t in tensors],
                                       dtype=torch.int64).to(self.device, non_blocking=True)
 
