@@ -508,6 +508,12 @@ class _Bucket:
         self.present: list[bool] | None = None
         self.pending: tuple | None = None  # what gather() read, for run()
         self.created: list[tuple[dict, str]] = []  # state entries made by _prepare, until run
+        # Params whose state was created and not yet updated (SGD's first momentum step sets
+        # buf = g). A step that AMP skips leaves them so, across rebuilds, as torch.optim,
+        # which is then not stepped at all, would have no state yet. Reference backend: on the
+        # host; triton: one int64 flag per param on the device, cleared by the kernel.
+        self.fresh_params: set[int] = set()
+        self.fresh_flags: Tensor | None = None
 
     def gather(self) -> None:
         """Read this step's grads and check what is new; raises before anything changes.
@@ -581,19 +587,21 @@ class _Bucket:
         self.created = []
         self.states: list[list[Tensor]] = []
         self.scalars: list[dict[str, Tensor]] = []
-        self.fresh: list[bool] = []
+        created_fresh = []
         for i in self.live:
             states, scalars, fresh = self._state_of(self.params[i], self.group_of[i])
             self.states.append(states)
             self.scalars.append(scalars)
-            self.fresh.append(fresh)
+            if fresh:
+                created_fresh.append(i)
+        self.fresh_params.update(created_fresh)
         self.param_ptrs = param_ptrs
         self.present = [False] * len(self.params)
         for i in live:
             self.present[i] = True
         self.grad_ptrs = None  # the grad column is filled by _patch_grads
         if self.backend == "triton":
-            self._build_tables()
+            self._build_tables(created_fresh)
 
     def _state_of(self, p: Tensor, group_index: int
                   ) -> tuple[list[Tensor], dict[str, Tensor], bool]:
@@ -705,16 +713,22 @@ class _Bucket:
                 step.add_(1)
             aux = {aux_name: self.scalars[k][aux_name]} if aux_name else {}
             update(_real(self.params[i]), _real(grad), *(_real(s) for s in self.states[k]),
-                   step=None if step is None else step.item(), fresh=self.fresh[k], **aux,
-                   **hyper[self.group_of[i]], **self.flags)
-        self.fresh = [False] * len(self.fresh)
+                   step=None if step is None else step.item(), fresh=i in self.fresh_params,
+                   **aux, **hyper[self.group_of[i]], **self.flags)
+        self.fresh_params.difference_update(self.live)
 
     # ---- triton backend -----------------------------------------------------------------------
 
-    def _build_tables(self) -> None:
+    def _build_tables(self, created_fresh: list[int]) -> None:
         from fusedopt import kernels
 
         self.kernels = kernels
+        if self.fresh_flags is None:
+            self.fresh_flags = torch.zeros(len(self.params), dtype=torch.int64,
+                                           device=self.device)
+        if created_fresh:  # (the other flags keep what the kernel left in them)
+            index = torch.tensor(created_fresh, dtype=torch.int64)
+            self.fresh_flags.index_fill_(0, index.to(self.device, non_blocking=True), 1)
         n = len(self.live)
         columns: dict[str, list[int]] = {name: [0] * n for name in kernels.COLUMNS}
         local = _local if self.sharded else (lambda t: t)
@@ -729,7 +743,7 @@ class _Bucket:
                 columns["AUX"][k] = self.scalars[k][self.opt.scalar_state[0]].data_ptr()
             columns["NUMEL"][k] = _real(p).numel()
             columns["GROUP"][k] = self.group_of[i]
-            columns["FRESH"][k] = int(self.fresh[k])
+            columns["FRESH"][k] = self.fresh_flags.data_ptr() + 8 * i
         table = torch.tensor([columns[name] for name in kernels.COLUMNS], dtype=torch.int64)
         self.kernel_params = [local(self.params[i]) for i in self.live]
         self.param_strides = [p.stride() for p in self.kernel_params]
@@ -772,9 +786,6 @@ class _Bucket:
                 hyper=self.hyper, done_counts=self.done_counts, advance_aux=self.advance_aux,
                 terms=self.terms, sums=self.sums, grad_scale=grad_scale, found_inf=found_inf,
                 clip_coef=clip_coef)
-        if any(self.fresh):
-            self.fresh = [False] * len(self.fresh)
-            self._upload_column("FRESH", [0] * self.num_tensors)
 
     def _update_hyper_table(self, hyper: list[dict[str, Any]], capturable: bool) -> None:
         """Re-upload the float64 hyperparameter table when a value changed. Tensor values on

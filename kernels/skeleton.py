@@ -40,7 +40,8 @@ from fusedopt.backend import interpreting as _interpreting
 
 # Rows of the column-major tensor table. STATE0..2 are the optimizer's state tensors in the
 # order its spec names them; STEP points at the per-tensor float32 ``state["step"]``, AUX at
-# the spec's per-tensor float32 scalar state, if any (NAdam's ``mu_product``).
+# the spec's per-tensor float32 scalar state, if any (NAdam's ``mu_product``), FRESH at the
+# param's int64 flag "state created, not yet updated" (the kernel clears it when it runs).
 COLUMNS = ("PARAM", "GRAD", "STATE0", "STATE1", "STATE2", "STEP", "NUMEL", "GROUP", "FRESH",
            "AUX")
 COL_PARAM: tl.constexpr = tl.constexpr(0)
@@ -152,7 +153,8 @@ def _chunk(tensors, num_tensors, work):
     """This program's chunk: its tensor's row of the table, read once.
 
     Returns (tensor index, first element, numel, aligned, the param/grad/s0/s1/s2 addresses,
-    fresh, group, step pointer, aux pointer); ``aligned``: every address is 16-byte aligned.
+    fresh pointer, fresh, group, step pointer, aux pointer); ``aligned``: every address is
+    16-byte aligned.
     The kernels cast the addresses to pointers themselves: a pointer made in here and hinted
     ``multiple_of`` on the aligned path carried the hint onto the masked path too (triton
     3.9, seen in the PTX: predicated 16-byte loads there), which would misread unaligned
@@ -168,12 +170,13 @@ def _chunk(tensors, num_tensors, work):
     s1_addr = tl.load(row + COL_STATE1 * num_tensors)
     s2_addr = tl.load(row + COL_STATE2 * num_tensors)
     aligned = ((param_addr | grad_addr | s0_addr | s1_addr | s2_addr) & 15) == 0
-    fresh = tl.load(row + COL_FRESH * num_tensors)
+    fresh_ptr = tl.load(row + COL_FRESH * num_tensors).to(tl.pointer_type(tl.int64))
+    fresh = tl.load(fresh_ptr)
     group = tl.load(row + COL_GROUP * num_tensors)
     step_ptr = tl.load(row + COL_STEP * num_tensors).to(tl.pointer_type(tl.float32))
     aux_ptr = tl.load(row + COL_AUX * num_tensors).to(tl.pointer_type(tl.float32))
     return (t, start, numel, aligned, param_addr, grad_addr, s0_addr, s1_addr, s2_addr,
-            fresh, group, step_ptr, aux_ptr)
+            fresh_ptr, fresh, group, step_ptr, aux_ptr)
 
 
 @triton.jit
@@ -237,7 +240,7 @@ def _step_chunk(tensors, num_tensors, work, hyper, hyper_stride, done_counts, su
                 HAS_SUMS: tl.constexpr, FINISH: tl.constexpr, SCALE_GRADS: tl.constexpr,
                 STORAGE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
                 ITERS: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr):
-    (t, start, numel, aligned, param, grad, s0, s1, s2, fresh, group, step_ptr,
+    (t, start, numel, aligned, param, grad, s0, s1, s2, fresh_ptr, fresh, group, step_ptr,
      aux_ptr) = _chunk(tensors, num_tensors, work)
     param = param.to(tl.pointer_type(STORAGE))
     grad = grad.to(tl.pointer_type(STORAGE))
@@ -277,10 +280,10 @@ def _step_chunk(tensors, num_tensors, work, hyper, hyper_stride, done_counts, su
                           sum1, hyper_row, scaling, UPDATE, F0, F1, F2, NUM_STATES, STORAGE,
                           COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND)
 
-    if FINISH:
-        # The last program to finish a tensor stores its new scalars and clears its sums for
-        # the next step: acq_rel atomics order every other program's reads of the old values
-        # before these writes. No extra launch.
+    if FINISH or fresh != 0:
+        # The last program to finish a tensor stores its new scalars, clears its sums and its
+        # fresh flag for the next step: acq_rel atomics order every other program's reads of
+        # the old values before these writes. No extra launch.
         chunks = tl.maximum((numel + BLOCK * ITERS - 1) // (BLOCK * ITERS), 1)
         # every warp of this program has read the old scalars and sums before one thread's
         # release below can let the tensor's last program overwrite them
@@ -293,6 +296,8 @@ def _step_chunk(tensors, num_tensors, work, hyper, hyper_stride, done_counts, su
             if HAS_SUMS:
                 tl.store(sums + 2 * t, 0.0)
                 tl.store(sums + 2 * t + 1, 0.0)
+            if fresh != 0:
+                tl.store(fresh_ptr, 0)
             tl.store(done_counts + t, 0)
 
 
@@ -334,7 +339,7 @@ def _sums_chunk(tensors, num_tensors, work, hyper, hyper_stride, sums, scaling,
                 NUM_STATES: tl.constexpr, USES_STEP: tl.constexpr, ADVANCE_AUX: tl.constexpr,
                 SCALE_GRADS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
                 BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    (t, start, numel, aligned, param, grad, s0, s1, s2, fresh, group, step_ptr,
+    (t, start, numel, aligned, param, grad, s0, s1, s2, fresh_ptr, fresh, group, step_ptr,
      aux_ptr) = _chunk(tensors, num_tensors, work)
     param = param.to(tl.pointer_type(STORAGE))
     grad = grad.to(tl.pointer_type(STORAGE))

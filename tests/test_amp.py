@@ -8,7 +8,14 @@ The trajectory must be torch.optim's under its own GradScaler, overflowing steps
 
 import pytest
 import torch
-from cases import CASE_BY_ID, ONE_PER_OPTIMIZER, TOL, assert_states_close, cases
+from cases import (
+    CASE_BY_ID,
+    ONE_PER_OPTIMIZER,
+    TOL,
+    assert_states_close,
+    assert_tensor_close,
+    cases,
+)
 
 STEPS = 8
 OVERFLOW_STEPS = (2, 5)  # an inf (step 2) and a NaN (step 5) in one grad: both skipped
@@ -92,3 +99,35 @@ def test_found_inf_skips_everything_and_is_reported_on_the_device(backend, reque
     ref.step()
     assert_states_close(opt, params, ref, twin, **TOL[torch.float32])
     assert not opt.last_step_skipped
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_state_created_by_a_skipped_step_is_still_new(backend, request):
+    """SGD's first momentum step sets buf = g, later ones buf = m*buf + (1-d)*g. A first step
+    that AMP skips must not use that up, nor may a rebuild of the tables in between (a param
+    without a grad for a step): torch.optim, which GradScaler does not step on an overflow,
+    has no buffer yet. A buffer that did get its first update is not treated as new again."""
+    device = request.getfixturevalue("kernel_device") if backend == "triton" else "cpu"
+    gen = torch.Generator().manual_seed(8)
+    start = [torch.randn(n, generator=gen) for n in (5000, 33, 7)]
+    ours = [p.clone().to(device).requires_grad_() for p in start]
+    theirs = [p.clone().requires_grad_() for p in start]
+    hyper = dict(lr=0.1, momentum=0.9, dampening=0.5, weight_decay=0.01)
+    opt = CASE_BY_ID["sgd-momentum-dampening-wd"].fused_cls(ours, **hyper, backend=backend)
+    ref = torch.optim.SGD(theirs, **hyper, foreach=False)
+    scale = torch.tensor(4.0, device=device)
+    # (skipped, params with a grad): param 2 first runs at step 3, after two skips and a
+    # step without its grad; param 1 is new again only if the flag were not cleared
+    schedule = [(True, (0, 1, 2)), (True, (0, 1)), (False, (0, 1)), (False, (0, 1, 2)),
+                (True, (0, 1, 2)), (False, (0, 1, 2))]
+    for step, (skipped, with_grad) in enumerate(schedule):
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            g = torch.randn(p.shape, generator=gen) if i in with_grad else None
+            p.grad = None if g is None else (g * 4.0).to(device)
+            q.grad = g
+        opt.step(grad_scale=scale, found_inf=torch.tensor(float(skipped), device=device))
+        if not skipped:
+            ref.step()
+        for p, q in zip(ours, theirs):  # (torch has no state yet where ours holds zeros)
+            assert_tensor_close(p, q, **TOL[torch.float32], where=f"step {step}")
+    assert_states_close(opt, ours, ref, theirs, **TOL[torch.float32])
