@@ -239,6 +239,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._check_loaded_state(state_dict)
         super().load_state_dict(state_dict)  # ends in __setstate__, which restarts the caches
 
+    def _completed_as_torch_would(self, saved_group: dict) -> dict:
+        """A saved param group with the keys an older torch did not save filled in by the
+        torch twin's own ``__setstate__`` (as its loader does), run on a scratch instance."""
+        scratch = object.__new__(type(self))
+        scratch.defaults = dict(self.defaults)
+        group = {k: v for k, v in saved_group.items() if k != "params"}
+        super(FusedOptimizer, scratch).__setstate__(
+            {"state": {}, "param_groups": [{**group, "params": []}]})
+        return {**scratch.param_groups[0], "params": saved_group["params"]}
+
     def _check_loaded_state(self, state_dict: dict) -> None:
         owner = f"fusedopt.{type(self).__name__}"
         saved_groups = state_dict.get("param_groups")
@@ -251,8 +261,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for s, g in zip(saved_groups, self.param_groups)):
             return  # torch.optim's own loader raises its usual error for these
         for saved, group in zip(saved_groups, self.param_groups):
-            # keys an older torch did not save take their defaults, as torch's loader does
-            saved = {**self.defaults, **saved}
+            saved = self._completed_as_torch_would(saved)
             try:
                 self._hyperparams(saved)
                 names = self._state_names(self._flags(saved))

@@ -9,6 +9,15 @@ from cases import CASE_BY_ID, TOL, assert_states_close
 CASES = ["adamw-default", "sgd-momentum-dampening-wd", "nadam-wd-momentum-decay", "lamb-default"]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles the one FusedOptimizer.step code object anew (other instances, other
+    backends): start from an empty cache, so earlier tests in this process (pytest-xdist mixes
+    files) cannot use up its recompile limit."""
+    torch._dynamo.reset()
+    yield
+
+
 def _model(device, seed=0):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(9, 33), torch.nn.Tanh(),
