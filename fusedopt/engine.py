@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fusedopt.backend import check_backend_name, resolve_backend
 
@@ -375,8 +376,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         if (len(params) != len(real) or len(self._compile_params) != len(real)
                 or any(a.shape != r.shape for a, r in zip(params, real))
                 or any(c is not r for c, r in zip(self._compile_params, real))):
+            # The list the traced code reads is renewed: dynamo sees it change and retraces.
+            self._compile_params = real
             raise RuntimeError("fusedopt: the params of the compiled step are no longer the "
-                               "optimizer's (a param was replaced in its group): compile anew")
+                               "optimizer's (a param was replaced in its group): this step did "
+                               "nothing; the next call retraces with the current params")
         copies = [(r, a) for r, a in zip(real, params) if a.data_ptr() != r.data_ptr()]
         for r, a in copies:
             r.data.copy_(a)
@@ -517,12 +521,6 @@ class _Bucket:
         self.present: list[bool] | None = None
         self.pending: tuple | None = None  # what gather() read, for run()
         self.created: list[tuple[dict, str]] = []  # state entries made by _prepare, until run
-        # Params whose state was created and not yet updated (SGD's first momentum step sets
-        # buf = g). A step that AMP skips leaves them so, across rebuilds, as torch.optim,
-        # which is then not stepped at all, would have no state yet. Reference backend: on the
-        # host; triton: one int64 flag per param on the device, cleared by the kernel.
-        self.fresh_params: set[int] = set()
-        self.fresh_flags: Tensor | None = None
 
     def gather(self) -> None:
         """Read this step's grads and check what is new; raises before anything changes.
@@ -596,21 +594,27 @@ class _Bucket:
         self.created = []
         self.states: list[list[Tensor]] = []
         self.scalars: list[dict[str, Tensor]] = []
-        created_fresh = []
+        # State that was created and has not had its first update yet (SGD's first momentum
+        # step sets buf = g): an int64 device flag per such state, kept by the optimizer and
+        # keyed by the state's first tensor, so that it outlives rebuilds of the buckets and
+        # goes with the state. A step that AMP skips leaves it set, as torch.optim, which is
+        # then not stepped at all, would have no state yet; the step that runs clears it.
+        new_state = self.opt.__dict__.setdefault("_new_state", WeakIdKeyDictionary())
+        self.new_flags: list[Tensor | None] = []
         for i in self.live:
-            states, scalars, fresh = self._state_of(self.params[i], self.group_of[i])
+            states, scalars, created = self._state_of(self.params[i], self.group_of[i])
             self.states.append(states)
             self.scalars.append(scalars)
-            if fresh:
-                created_fresh.append(i)
-        self.fresh_params.update(created_fresh)
+            if states and created:
+                new_state[states[0]] = torch.ones((), dtype=torch.int64, device=self.device)
+            self.new_flags.append(new_state.get(states[0]) if states else None)
         self.param_ptrs = param_ptrs
         self.present = [False] * len(self.params)
         for i in live:
             self.present[i] = True
         self.grad_ptrs = None  # the grad column is filled by _patch_grads
         if self.backend == "triton":
-            self._build_tables(created_fresh)
+            self._build_tables()
 
     def _state_of(self, p: Tensor, group_index: int
                   ) -> tuple[list[Tensor], dict[str, Tensor], bool]:
@@ -722,22 +726,21 @@ class _Bucket:
                 step.add_(1)
             aux = {aux_name: self.scalars[k][aux_name]} if aux_name else {}
             update(_real(self.params[i]), _real(grad), *(_real(s) for s in self.states[k]),
-                   step=None if step is None else step.item(), fresh=i in self.fresh_params,
-                   **aux, **hyper[self.group_of[i]], **self.flags)
-        self.fresh_params.difference_update(self.live)
+                   step=None if step is None else step.item(),
+                   fresh=self.new_flags[k] is not None and bool(self.new_flags[k]), **aux,
+                   **hyper[self.group_of[i]], **self.flags)
+        for flag in self.new_flags:
+            if flag is not None:
+                flag.zero_()
 
     # ---- triton backend -----------------------------------------------------------------------
 
-    def _build_tables(self, created_fresh: list[int]) -> None:
+    def _build_tables(self) -> None:
         from fusedopt import kernels
 
         self.kernels = kernels
-        if self.fresh_flags is None:
-            self.fresh_flags = torch.zeros(len(self.params), dtype=torch.int64,
-                                           device=self.device)
-        if created_fresh:  # (the other flags keep what the kernel left in them)
-            index = torch.tensor(created_fresh, dtype=torch.int64)
-            self.fresh_flags.index_fill_(0, index.to(self.device, non_blocking=True), 1)
+        # what the FRESH column points at for state that is not new (the kernel only reads it)
+        self.not_new = torch.zeros((), dtype=torch.int64, device=self.device)
         n = len(self.live)
         columns: dict[str, list[int]] = {name: [0] * n for name in kernels.COLUMNS}
         local = _local if self.sharded else (lambda t: t)
@@ -752,7 +755,8 @@ class _Bucket:
                 columns["AUX"][k] = self.scalars[k][self.opt.scalar_state[0]].data_ptr()
             columns["NUMEL"][k] = _real(p).numel()
             columns["GROUP"][k] = self.group_of[i]
-            columns["FRESH"][k] = self.fresh_flags.data_ptr() + 8 * i
+            columns["FRESH"][k] = (self.new_flags[k] if self.new_flags[k] is not None
+                                   else self.not_new).data_ptr()
         table = torch.tensor([columns[name] for name in kernels.COLUMNS], dtype=torch.int64)
         self.kernel_params = [local(self.params[i]) for i in self.live]
         self.param_strides = [p.stride() for p in self.kernel_params]

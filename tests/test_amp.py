@@ -104,9 +104,10 @@ def test_found_inf_skips_everything_and_is_reported_on_the_device(backend, reque
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_state_created_by_a_skipped_step_is_still_new(backend, request):
     """SGD's first momentum step sets buf = g, later ones buf = m*buf + (1-d)*g. A first step
-    that AMP skips must not use that up, nor may a rebuild of the tables in between (a param
-    without a grad for a step): torch.optim, which GradScaler does not step on an overflow,
-    has no buffer yet. A buffer that did get its first update is not treated as new again."""
+    that AMP skips must not use that up, nor may rebuilt tables (a param without a grad for a
+    step) or new buckets (add_param_group) in between: torch.optim, which GradScaler does not
+    step on an overflow, has no buffer yet. A buffer that did get its first update is not
+    treated as new again."""
     device = request.getfixturevalue("kernel_device") if backend == "triton" else "cpu"
     gen = torch.Generator().manual_seed(8)
     start = [torch.randn(n, generator=gen) for n in (5000, 33, 7)]
@@ -121,6 +122,10 @@ def test_state_created_by_a_skipped_step_is_still_new(backend, request):
     schedule = [(True, (0, 1, 2)), (True, (0, 1)), (False, (0, 1)), (False, (0, 1, 2)),
                 (True, (0, 1, 2)), (False, (0, 1, 2))]
     for step, (skipped, with_grad) in enumerate(schedule):
+        if step == 2:  # new buckets, as after any change of the param groups or the state
+            extra = torch.randn(5, generator=gen)
+            opt.add_param_group({"params": [extra.clone().to(device).requires_grad_()]})
+            ref.add_param_group({"params": [extra.clone().requires_grad_()]})
         for i, (p, q) in enumerate(zip(ours, theirs)):
             g = torch.randn(p.shape, generator=gen) if i in with_grad else None
             p.grad = None if g is None else (g * 4.0).to(device)

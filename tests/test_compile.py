@@ -119,3 +119,11 @@ def test_compiled_step_refuses_a_param_replaced_in_its_group():
     with pytest.raises(RuntimeError, match="replaced in its group"):
         compiled_step()
     assert torch.equal(new.detach(), before)
+    # the next call retraces with the current params, and steps the new one as eager would
+    twin = torch.nn.Parameter(new.detach().clone())
+    twin.grad = new.grad.clone()
+    eager = CASE_BY_ID["adamw-default"].fused_cls([twin], backend="reference")
+    compiled_step()
+    eager.step()
+    torch.testing.assert_close(new.detach(), twin.detach(), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(new.detach(), before)
