@@ -54,13 +54,7 @@ def test_float32_matches_torch_fused(case):
     theirs = _clone(ours)
     opt = case.make_fused(ours, "triton")
     ref = case.make(case.torch_cls, theirs, fused=True)
-    for step in range(STEPS):
-        grads = _grads(flat(ours), step)
-        set_grads(flat(ours), grads)
-        set_grads(flat(theirs), grads)
-        opt.step()
-        ref.step()
-    torch.cuda.synchronize()
+    _step_both(opt, ours, ref, theirs)
     assert {b.backend for b in opt._buckets} == {"triton"}
     assert_states_close(opt, flat(ours), ref, flat(theirs), **TOL[torch.float32])
 
@@ -88,6 +82,17 @@ def test_bfloat16_error_at_most_torch_fused(case):
         assert torch.isfinite(ours).all()
         assert ours.max() <= 2 * yardstick.max() + slack, f"param {i} {tuple(p.shape)}"
         assert ours.mean() <= 2 * yardstick.mean() + slack / 100, f"param {i} {tuple(p.shape)}"
+
+
+def _step_both(opt, ours, ref, theirs):
+    """STEPS steps of both optimizers on the same fresh grads, then wait for the GPU."""
+    for step in range(STEPS):
+        grads = _grads(flat(ours), step)
+        set_grads(flat(ours), grads)
+        set_grads(flat(theirs), grads)
+        opt.step()
+        ref.step()
+    torch.cuda.synchronize()
 
 
 def _kernel_launches(opt, params, grads):
@@ -140,13 +145,7 @@ def test_family_float32_matches_torch(case):
     theirs = _clone(ours)
     opt = case.make_fused(ours, "triton")
     ref = case.make_torch(theirs)
-    for step in range(STEPS):
-        grads = _grads(flat(ours), step)
-        set_grads(flat(ours), grads)
-        set_grads(flat(theirs), grads)
-        opt.step()
-        ref.step()
-    torch.cuda.synchronize()
+    _step_both(opt, ours, ref, theirs)
     assert {b.backend for b in opt._buckets} == {"triton"}
     if case.fused_cls is fusedopt.Lion:
         # sign(c) flips where c is within rounding of 0 (the kernel may fuse c's multiply-add
