@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fusedopt.backend import check_backend_name, resolve_backend
+from fusedopt.twin import check_options, torch_twin, twin_constructor
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -167,24 +168,49 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ---- construction -------------------------------------------------------------------------
 
-    def _init_engine(self, backend: str | None, *, foreach=None, fused=None, capturable=False,
-                     differentiable=False) -> None:
-        """Called first in every __init__: check the backend name, and refuse the torch
-        options that choose another implementation or that fusedopt lacks, loudly.
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A twin of a torch.optim class (a subclass of it) that defines no ``__init__`` of its
+        own gets the installed torch class's constructor, plus ``backend`` (see
+        :mod:`fusedopt.twin`)."""
+        super().__init_subclass__(**kwargs)
+        twin = torch_twin(cls)
+        if twin is not None and "__init__" not in cls.__dict__:
+            cls.__init__ = twin_constructor(twin)
+
+    #: The torch arguments this optimizer implements; with the engine options (foreach, fused,
+    #: capturable, differentiable) they must cover its torch twin's arguments.
+    torch_options: tuple[str, ...] = ()
+
+    def _before_torch_init(self, backend: str | None, options: dict[str, Any]) -> None:
+        """Called first in every __init__: check the backend name, and refuse the options that
+        choose another implementation or that fusedopt lacks, loudly, before anything is built.
         (``capturable`` is accepted: see :meth:`step`.)"""
-        name = f"fusedopt.{type(self).__name__}"
-        if differentiable:
-            raise NotImplementedError(f"{name} does not support differentiable=True")
-        if foreach:
-            raise ValueError(f"{name} always runs one fused multi-tensor kernel; foreach=True "
-                             "selects torch's foreach implementation, use torch.optim for it")
-        if fused is False:
-            raise ValueError(f"{name} is always fused; fused=False selects torch's unfused "
-                             "implementation, use torch.optim for it")
         check_backend_name(backend)
+        self._check_group_options(options)
         self._backend_request = backend
         self._buckets: list[_Bucket] | None = None
         self._layout: Any = None
+
+    def _check_group_options(self, group: dict[str, Any], loaded: bool = False) -> None:
+        """The options of a group (constructor arguments, an added or a loaded group) that no
+        fusedopt optimizer runs: refused with a clear error instead of silently ignored.
+        A loaded group may name another implementation (``foreach``, ``fused``): that was the
+        saving side's choice, and a checkpoint moves between implementations."""
+        name = f"fusedopt.{type(self).__name__}"
+        if group.get("differentiable"):
+            raise NotImplementedError(f"{name} does not support differentiable=True")
+        if group.get("foreach") and not loaded:
+            raise ValueError(f"{name} always runs one fused multi-tensor kernel; foreach=True "
+                             "selects torch's foreach implementation, use torch.optim for it")
+        if group.get("fused", None) is False and not loaded:
+            raise ValueError(f"{name} is always fused; fused=False selects torch's unfused "
+                             "implementation, use torch.optim for it")
+        twin = torch_twin(type(self))
+        if twin is not None:
+            check_options(name, twin, group, self.torch_options)
+
+    def _after_torch_init(self) -> None:
+        self._record_engine()
 
     def _record_engine(self) -> None:
         """Called after torch.optim's __init__, which has recorded the engine options in the
@@ -203,9 +229,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         try:
+            self._check_group_options(self.param_groups[-1])
             for p in self.param_groups[-1]["params"]:
                 _check_param(p, f"fusedopt.{type(self).__name__}")
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, NotImplementedError):
             self.param_groups.pop()
             raise
         self._layout = None
@@ -263,6 +290,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             return  # torch.optim's own loader raises its usual error for these
         for saved, group in zip(saved_groups, self.param_groups):
             saved = self._completed_as_torch_would(saved)
+            self._check_group_options(saved, loaded=True)
             try:
                 self._hyperparams(saved)
                 names = self._state_names(self._flags(saved))

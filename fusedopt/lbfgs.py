@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.optim.lbfgs import _cubic_interpolate
 
 from fusedopt.backend import check_backend_name, resolve_backend
+from fusedopt.twin import check_options, twin_constructor
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -195,15 +196,18 @@ class LBFGS(torch.optim.LBFGS):
     grad counts as a zero gradient, and sparse grads are made dense.
     """
 
-    def __init__(self, params, lr: float | Tensor = 1, max_iter: int = 20,
-                 max_eval: int | None = None, tolerance_grad: float = 1e-7,
-                 tolerance_change: float = 1e-9, history_size: int = 100,
-                 line_search_fn: str | None = None, *, backend: str | None = None):
+    #: torch.optim.LBFGS's arguments in the torch versions fusedopt follows (``maximize`` is
+    #: torch 2.14's; with an older torch it is not an argument, as in torch).
+    torch_options = ("lr", "max_iter", "max_eval", "tolerance_grad", "tolerance_change",
+                     "history_size", "line_search_fn", "maximize")
+    __init__ = twin_constructor(torch.optim.LBFGS)
+
+    def _before_torch_init(self, backend: str | None, options: dict[str, Any]) -> None:
         check_backend_name(backend)
-        super().__init__(params, lr=lr, max_iter=max_iter, max_eval=max_eval,
-                         tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
-                         history_size=history_size, line_search_fn=line_search_fn)
+        check_options(_OWNER, torch.optim.LBFGS, options, self.torch_options)
         self._backend_request = backend
+
+    def _after_torch_init(self) -> None:
         self._check_params()
         self._reset_caches()
 
@@ -211,7 +215,7 @@ class LBFGS(torch.optim.LBFGS):
 
     def _check_params(self) -> None:
         """One device, one real dtype among float16/bfloat16/float32/float64, contiguous."""
-        first = self._params[0]
+        first = self._params[0] if self._params else None
         for p in self._params:
             if p.layout != torch.strided:
                 raise ValueError(f"{_OWNER} needs dense parameters, got a {p.layout} tensor")
@@ -268,7 +272,8 @@ class LBFGS(torch.optim.LBFGS):
 
     def _gather_grads(self) -> _Vector:
         """This evaluation's gradient as a vector of views (no copy): zeros for params without
-        a grad, sparse grads made dense, as torch's _gather_flat_grad does."""
+        a grad, sparse grads made dense, as torch's _gather_flat_grad does. With ``maximize``
+        (torch 2.14+), a negated copy instead, as torch negates its flat gradient."""
         parts = []
         for i, p in enumerate(self._params):
             g = p.grad
@@ -284,6 +289,10 @@ class LBFGS(torch.optim.LBFGS):
                 if not g.is_contiguous():
                     g = g.contiguous()
             parts.append(g)
+        if self.param_groups[0].get("maximize", False):
+            negated = self._new_vector()
+            self._ops.copy(_Vector(parts), negated, -1.0)
+            return negated
         cached = self._grad_vector
         if cached is not None and len(cached) == len(parts) and all(
                 a.data_ptr() == b.data_ptr() for a, b in zip(cached, parts)):
@@ -303,6 +312,8 @@ class LBFGS(torch.optim.LBFGS):
         """Loss and gradient at ``x + t d``; the params are ``x`` again afterwards."""
         self._ops.axpy(t, d, self._param_vector)
         loss = float(closure())
+        if self.param_groups[0].get("maximize", False):
+            loss = -loss
         flat_grad = self._own(self._gather_grads())
         self._ops.copy(x, self._param_vector)
         return loss, flat_grad
@@ -324,6 +335,11 @@ class LBFGS(torch.optim.LBFGS):
         # Make sure the closure is always called with grad enabled
         closure = torch.enable_grad()(closure)
 
+        # Nothing to optimize (an empty group): skip the step but still evaluate the closure,
+        # as torch 2.14 does (older torch failed on the empty flat gradient instead).
+        if len(self._params) == 0:
+            return closure()
+
         group = self.param_groups[0]
         lr = group["lr"]
         if isinstance(lr, Tensor) and lr.dim() != 0:
@@ -334,6 +350,7 @@ class LBFGS(torch.optim.LBFGS):
         tolerance_change = group["tolerance_change"]
         line_search_fn = group["line_search_fn"]
         history_size = group["history_size"]
+        maximize = group.get("maximize", False)
 
         self._prepare()
         ops = self._ops
@@ -345,7 +362,7 @@ class LBFGS(torch.optim.LBFGS):
 
         # evaluate initial f(x) and df/dx
         orig_loss = closure()
-        loss = float(orig_loss)
+        loss = -float(orig_loss) if maximize else float(orig_loss)
         current_evals = 1
         state["func_evals"] += 1
 
@@ -460,7 +477,7 @@ class LBFGS(torch.optim.LBFGS):
                     # stochastic setting there is no use in re-evaluating it here
                     with torch.enable_grad():
                         loss = closure()
-                    loss = float(loss)
+                    loss = -float(loss) if maximize else float(loss)
                     flat_grad = self._gather_grads()
                     opt_cond = ops.abs_max(flat_grad) <= tolerance_grad
                     ls_func_evals = 1
@@ -570,6 +587,7 @@ class LBFGS(torch.optim.LBFGS):
         if missing:
             raise ValueError(f"loaded state dict has a parameter group without {missing}: it "
                              "was not saved by LBFGS")
+        check_options(_OWNER, torch.optim.LBFGS, group, self.torch_options)
         first, *others = group["params"]
         if any(saved_state.get(i) not in (None, {}) for i in others):
             raise ValueError("loaded state dict has state for a parameter other than the first: "

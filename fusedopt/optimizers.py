@@ -29,6 +29,8 @@ def _adam_hyperparams(group: dict) -> dict[str, float | Tensor]:
 class _AdamSpec(FusedOptimizer):
     """Adam and AdamW share one update; AdamW only decouples weight decay."""
 
+    torch_options = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
+                     "decoupled_weight_decay")
     kernel_update = "adam"
     reference_update = staticmethod(reference.adam)
     uses_step = True
@@ -58,18 +60,6 @@ class Adam(_AdamSpec, torch.optim.Adam):
     See :func:`fusedopt.reference.adam` for the math.
     """
 
-    def __init__(self, params, lr: float | Tensor = 1e-3,
-                 betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
-                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, decoupled_weight_decay: bool = False,
-                 backend: str | None = None):
-        self._init_engine(backend, foreach=foreach, fused=fused, capturable=capturable,
-                          differentiable=differentiable)
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
-                         maximize=maximize, capturable=capturable, differentiable=differentiable,
-                         fused=fused, decoupled_weight_decay=decoupled_weight_decay)
-        self._record_engine()
 
 
 class AdamW(_AdamSpec, torch.optim.AdamW):
@@ -80,18 +70,6 @@ class AdamW(_AdamSpec, torch.optim.AdamW):
 
     _decoupled_default = True
 
-    def __init__(self, params, lr: float | Tensor = 1e-3,
-                 betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 foreach: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False, fused: bool | None = None,
-                 backend: str | None = None):
-        self._init_engine(backend, foreach=foreach, fused=fused, capturable=capturable,
-                          differentiable=differentiable)
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         foreach=foreach, capturable=capturable, differentiable=differentiable,
-                         fused=fused)
-        self._record_engine()
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):
@@ -101,19 +79,10 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     See :func:`fusedopt.reference.sgd` for the math.
     """
 
+    torch_options = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
     kernel_update = "sgd"
     reference_update = staticmethod(reference.sgd)
 
-    def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0,
-                 dampening: float = 0, weight_decay: float | Tensor = 0, nesterov: bool = False,
-                 *, maximize: bool = False, foreach: bool | None = None,
-                 differentiable: bool = False, fused: bool | None = None,
-                 backend: str | None = None):
-        self._init_engine(backend, foreach=foreach, fused=fused, differentiable=differentiable)
-        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov,
-                         maximize=maximize, foreach=foreach, differentiable=differentiable,
-                         fused=fused)
-        self._record_engine()
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
         return {"lr": group["lr"], "momentum": float(group["momentum"]),
@@ -136,19 +105,12 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
     Dense gradients only. See :func:`fusedopt.reference.adagrad` for the math.
     """
 
+    torch_options = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps",
+                     "maximize")
     kernel_update = "adagrad"
     reference_update = staticmethod(reference.adagrad)
     uses_step = True
 
-    def __init__(self, params, lr: float | Tensor = 1e-2, lr_decay: float = 0,
-                 weight_decay: float = 0, initial_accumulator_value: float = 0,
-                 eps: float = 1e-10, foreach: bool | None = None, *, maximize: bool = False,
-                 differentiable: bool = False, fused: bool | None = None,
-                 backend: str | None = None):
-        self._init_engine(backend, foreach=foreach, fused=fused, differentiable=differentiable)
-        super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps,
-                         foreach, maximize=maximize, differentiable=differentiable, fused=fused)
-        self._record_engine()
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
         return {"lr": group["lr"], "lr_decay": float(group["lr_decay"]),
@@ -172,19 +134,11 @@ class Adadelta(FusedOptimizer, torch.optim.Adadelta):
     See :func:`fusedopt.reference.adadelta` for the math.
     """
 
+    torch_options = ("lr", "rho", "eps", "weight_decay", "maximize")
     kernel_update = "adadelta"
     reference_update = staticmethod(reference.adadelta)
     uses_step = True
 
-    def __init__(self, params, lr: float | Tensor = 1.0, rho: float = 0.9, eps: float = 1e-6,
-                 weight_decay: float = 0, foreach: bool | None = None, *,
-                 capturable: bool = False, maximize: bool = False,
-                 differentiable: bool = False, backend: str | None = None):
-        self._init_engine(backend, foreach=foreach, capturable=capturable,
-                          differentiable=differentiable)
-        super().__init__(params, lr, rho, eps, weight_decay, foreach, capturable=capturable,
-                         maximize=maximize, differentiable=differentiable)
-        self._record_engine()
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
         return {"lr": group["lr"], "rho": float(group["rho"]),
@@ -204,20 +158,11 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
     See :func:`fusedopt.reference.rmsprop` for the math.
     """
 
+    torch_options = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
     kernel_update = "rmsprop"
     reference_update = staticmethod(reference.rmsprop)
     uses_step = True
 
-    def __init__(self, params, lr: float | Tensor = 1e-2, alpha: float = 0.99,
-                 eps: float = 1e-8, weight_decay: float = 0, momentum: float = 0,
-                 centered: bool = False, capturable: bool = False,
-                 foreach: bool | None = None, maximize: bool = False,
-                 differentiable: bool = False, *, backend: str | None = None):
-        self._init_engine(backend, foreach=foreach, capturable=capturable,
-                          differentiable=differentiable)
-        super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable,
-                         foreach, maximize, differentiable)
-        self._record_engine()
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
         return {"lr": group["lr"], "alpha": float(group["alpha"]),
@@ -241,22 +186,13 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
     See :func:`fusedopt.reference.nadam` for the math.
     """
 
+    torch_options = ("lr", "betas", "eps", "weight_decay", "momentum_decay",
+                     "decoupled_weight_decay", "maximize")
     kernel_update = "nadam"
     reference_update = staticmethod(reference.nadam)
     uses_step = True
     scalar_state = ("mu_product", 1.0, "nadam_mu_product")
 
-    def __init__(self, params, lr: float | Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0, momentum_decay: float = 4e-3,
-                 decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
-                 maximize: bool = False, capturable: bool = False,
-                 differentiable: bool = False, backend: str | None = None):
-        self._init_engine(backend, foreach=foreach, capturable=capturable,
-                          differentiable=differentiable)
-        super().__init__(params, lr, betas, eps, weight_decay, momentum_decay,
-                         decoupled_weight_decay, foreach=foreach, maximize=maximize,
-                         capturable=capturable, differentiable=differentiable)
-        self._record_engine()
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
         return {**_adam_hyperparams(group), "momentum_decay": float(group["momentum_decay"])}
@@ -276,21 +212,11 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
     See :func:`fusedopt.reference.radam` for the math.
     """
 
+    torch_options = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize")
     kernel_update = "radam"
     reference_update = staticmethod(reference.radam)
     uses_step = True
 
-    def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0,
-                 decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
-                 maximize: bool = False, capturable: bool = False,
-                 differentiable: bool = False, backend: str | None = None):
-        self._init_engine(backend, foreach=foreach, capturable=capturable,
-                          differentiable=differentiable)
-        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay,
-                         foreach=foreach, maximize=maximize, capturable=capturable,
-                         differentiable=differentiable)
-        self._record_engine()
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
         return _adam_hyperparams(group)
@@ -310,19 +236,11 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
     See :func:`fusedopt.reference.adamax` for the math.
     """
 
+    torch_options = ("lr", "betas", "eps", "weight_decay", "maximize")
     kernel_update = "adamax"
     reference_update = staticmethod(reference.adamax)
     uses_step = True
 
-    def __init__(self, params, lr: float | Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0, foreach: bool | None = None, *,
-                 maximize: bool = False, differentiable: bool = False,
-                 capturable: bool = False, backend: str | None = None):
-        self._init_engine(backend, foreach=foreach, capturable=capturable,
-                          differentiable=differentiable)
-        super().__init__(params, lr, betas, eps, weight_decay, foreach, maximize=maximize,
-                         differentiable=differentiable, capturable=capturable)
-        self._record_engine()
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
         return _adam_hyperparams(group)
@@ -368,12 +286,12 @@ class Lion(FusedOptimizer):
     def __init__(self, params, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False,
                  backend: str | None = None):
-        self._init_engine(backend)
+        self._before_torch_init(backend, {})
         _check_common(lr, betas, weight_decay)
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay,
                     "maximize": maximize}
         super().__init__(params, defaults)
-        self._record_engine()
+        self._after_torch_init()
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
         beta1, beta2 = group["betas"]
@@ -416,14 +334,14 @@ class LAMB(FusedOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.01, bias_correction: bool = True, *,
                  maximize: bool = False, backend: str | None = None):
-        self._init_engine(backend)
+        self._before_torch_init(backend, {})
         _check_common(lr, betas, weight_decay)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
                     "bias_correction": bias_correction, "maximize": maximize}
         super().__init__(params, defaults)
-        self._record_engine()
+        self._after_torch_init()
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
         return _adam_hyperparams(group)

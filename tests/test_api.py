@@ -28,16 +28,6 @@ def _params(n=3, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("ours, theirs", PAIRS)
-def test_signature_is_torchs_plus_backend(ours, theirs):
-    described = [(p.name, p.kind, p.default)
-                 for p in inspect.signature(ours).parameters.values()]
-    expected = [(p.name, p.kind, p.default)
-                for p in inspect.signature(theirs).parameters.values()]
-    expected.append(("backend", inspect.Parameter.KEYWORD_ONLY, None))
-    assert described == expected
-
-
-@pytest.mark.parametrize("ours, theirs", PAIRS)
 def test_is_a_torch_optimizer(ours, theirs):
     opt = ours(_params(), backend="reference")
     assert isinstance(opt, theirs) and isinstance(opt, torch.optim.Optimizer)

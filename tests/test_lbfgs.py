@@ -8,6 +8,7 @@ to 1e-13 over these runs).
 """
 
 import copy
+import inspect
 import io
 import pickle
 
@@ -318,9 +319,36 @@ def test_constructor_matches_torch(args):
 
 def test_defaults_are_torchs():
     fused, reference = fusedopt.LBFGS([_param()]), torch.optim.LBFGS([_param()])
-    assert fused.defaults == reference.defaults == {
-        "lr": 1, "max_iter": 20, "max_eval": 25, "tolerance_grad": 1e-7,
-        "tolerance_change": 1e-9, "history_size": 100, "line_search_fn": None}
+    assert fused.defaults == reference.defaults
+    assert fused.defaults["max_eval"] == 25  # filled in from max_iter, as torch does
+
+
+TORCH_HAS_MAXIMIZE = "maximize" in inspect.signature(torch.optim.LBFGS).parameters
+
+
+@pytest.mark.skipif(not TORCH_HAS_MAXIMIZE, reason="this torch's LBFGS has no maximize "
+                    "(tests/test_twins.py checks that fusedopt.LBFGS then refuses it)")
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_maximize_trajectory(backend_device, line_search_fn):
+    """maximize=True on the negated Rosenbrock function: torch's iterates, state and the
+    returned (not negated) losses; the grads the closure left are not negated in place."""
+    backend, device = backend_device
+    start, loss_fn = rosenbrock(device)
+
+    def problem(device):
+        return start, lambda params: -loss_fn(params)
+
+    _, _, params_f, params_t = run_side_by_side(problem, backend, device, steps=2,
+                                                maximize=True, line_search_fn=line_search_fn,
+                                                **TRAJECTORY)
+    for p, q in zip(params_f, params_t):
+        assert_close(p.grad, q.grad, where="grad left by the last closure call")
+
+
+def test_empty_group_evaluates_the_closure(backend_device):
+    backend, _ = backend_device
+    opt = fusedopt.LBFGS([{"params": []}], backend=backend)
+    assert opt.step(lambda: torch.tensor(3.0)).item() == 3.0
 
 
 def test_unknown_line_search_raises_as_torch(backend_device):
