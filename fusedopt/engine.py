@@ -425,7 +425,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's zero_grad; a clip coefficient measured on the old grads is dropped too."""
-        self._clip_coef = None
+        if self.__dict__.get("_clip_coef") is not None:  # (no setattr traced by dynamo 2.11
+            self._clip_coef = None                       # in a compiled train step without one)
         super().zero_grad(set_to_none)
 
     @torch.no_grad()
