@@ -2,8 +2,10 @@
 
 Modules: ``workloads`` (parameter shapes), ``bytes_model`` (minimum bytes per
 param), ``impls`` (the implementations and their step callables), ``measure``
-(timing), ``report`` (table/JSON/CSV), ``plots`` (PNG), ``e2e`` (small GPT
-training split), ``cli`` (the ``fusedopt-bench`` command).
+(timing, noise, the check against torch.optim), ``plan`` (sections, time estimate,
+progress), ``host`` (the engine's host time per step against its floor), ``report``
+(tables with legends, JSON/CSV), ``plots`` (PNG), ``e2e`` (small GPT training split),
+``example`` (a complete training loop), ``cli`` (the ``fusedopt-bench`` command).
 
 Importing this package is cheap: matplotlib and the optional libraries are
 imported only when used.

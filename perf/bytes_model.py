@@ -108,3 +108,16 @@ def describe(optimizer: str, hparams: Mapping[str, Any] | None = None) -> str:
     """Human-readable traffic, e.g. ``read p,g,exp_avg,exp_avg_sq; write p,exp_avg,exp_avg_sq``."""
     st = state_buffers(optimizer, hparams)
     return f"read {','.join(('p', 'g', *st))}; write {','.join(('p', *st))}"
+
+
+def resident_bytes_per_param(optimizer: str, dtype: str = "fp32",
+                             hparams: Mapping[str, Any] | None = None) -> int:
+    """Bytes per parameter element that a step touches: param, grad and each state buffer,
+    once each. Times the parameter count, it is the working set that has to fit in a cache
+    for the step to run from it instead of from memory.
+
+    >>> resident_bytes_per_param("AdamW", "fp32")
+    16
+    """
+    size = DTYPE_BYTES[canonical_dtype(dtype)]
+    return size * (2 + len(state_buffers(optimizer, hparams)))

@@ -1,89 +1,63 @@
 """The ``fusedopt-bench`` command (also ``python -m fusedopt.perf``).
 
-    fusedopt-bench [options]            measure, print a table, write JSON/CSV/PNG
+    fusedopt-bench [options]            measure, print tables, write JSON/CSV/PNG and a README
     fusedopt-bench --e2e [options]      end-to-end small-GPT training split
     fusedopt-bench plot RESULTS.csv     re-draw the plots from a results CSV
     fusedopt-bench host [options]       host-side ms per step, kernel launch stubbed out
+
+A run is a list of sections (``plan.Section``), each with its own table. With no workload
+options on a CPU-only machine (:func:`cpu_default_sections`): the engine's host time, then
+fusedopt's reference path against torch.optim as a sanity check.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any
 
 import torch
 
 from . import e2e as e2e_mod
+from . import host as host_mod
 from . import impls as impls_mod
-from . import measure, report, workloads
+from . import measure, plan, report, workloads
 from .bytes_model import DTYPE_BYTES, KNOWN, bytes_per_param, canonical_dtype
-from .workloads import UnknownNameError
+from .impls import Impl, OptSpec
+from .plan import Job, Progress, Section, SectionOutput
+from .workloads import Workload
 
-#: What runs when --workloads is not given.
+__all__ = ["Progress", "build_parser", "build_sections", "main", "resolve_request"]
+
+#: What runs when --workloads is not given, per (device, --quick).
 DEFAULT_WORKLOADS = {
     ("cuda", False): ["flat", "gpt2", "llama1b", "small2000", "resnet50"],
-    ("cpu", False): ["flat", "small200", "resnet50"],
+    ("cpu", False): ["flat", "small20"],
     ("cuda", True): ["flat", "gpt2", "small2000"],
-    ("cpu", True): ["flat", "small100"],
+    ("cpu", True): ["flat", "small10"],
 }
-#: Flat sweep (log2 first, last, step) when --flat is not given.
-DEFAULT_FLAT = {("cuda", False): (12, 28, 2), ("cpu", False): (12, 21, 3),
-                ("cuda", True): (12, 28, 4), ("cpu", True): (12, 20, 4)}  # fmt: skip
+#: Flat sweep (log2 first, last, step) when --flat is not given, per (device, --quick).
+DEFAULT_FLAT = {("cuda", False): workloads.FLAT_RANGE["cuda"],
+                ("cpu", False): workloads.FLAT_RANGE["cpu"],
+                ("cuda", True): (12, 28, 4), ("cpu", True): (12, 16, 4)}  # fmt: skip
 DEFAULT_DTYPES = {"cuda": ["fp32", "bf16"], "cpu": ["fp32"]}
 FALLBACK_OPTIMIZERS = ["Adam", "AdamW", "SGD"]
+#: --e2e defaults per --quick: timed steps, untimed warm-up steps, sequences per batch.
+E2E_DEFAULTS = {False: {"steps": 20, "warmup": 3, "batch": 8},
+                True: {"steps": 5, "warmup": 1, "batch": 4}}  # fmt: skip
+E2E_QUICK_MODEL = "tiny"
 
-
-class Progress:
-    """A plain-stderr progress bar: ``[#####.....] 12/40  0:34<1:10  label``.
-
-    Redraws in place on a terminal; prints one line per item otherwise (CI logs).
-    """
-
-    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True):
-        self.total, self.done, self.enabled = total, 0, enabled and total > 0
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.perf_counter()
-
-    @staticmethod
-    def _clock(seconds: float) -> str:
-        m, s = divmod(int(seconds), 60)
-        return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
-
-    def start(self, label: str) -> None:
-        """Show that item ``done + 1`` (``label``) is starting."""
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / self.done * (self.total - self.done) if self.done else None
-        width = 24
-        fill = int(width * self.done / self.total)
-        text = (f"[{'#' * fill}{'.' * (width - fill)}] {self.done + 1}/{self.total} "
-                f"{self._clock(elapsed)}<{'?' if eta is None else self._clock(eta)}  {label}")
-        if self.tty:
-            self.stream.write("\r\033[K" + text[:160])
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def advance(self) -> None:
-        """Mark the current item finished."""
-        self.done += 1
-
-    def close(self) -> None:
-        """End the bar (newline on a terminal) and print the total time."""
-        if not self.enabled:
-            return
-        if self.tty:
-            self.stream.write("\r\033[K")
-        self.stream.write(f"{self.done}/{self.total} done in "
-                          f"{self._clock(time.perf_counter() - self.t0)}\n")
-        self.stream.flush()
+HOST_TITLE = "Host time per step of fusedopt's engine (kernel launch stubbed out)"
+STEPS_TITLE = {
+    "cuda": "Optimizer step throughput: fusedopt vs torch.optim (and importable libraries)",
+    "cpu": "fusedopt's reference path vs torch.optim on CPU: a sanity check, not fusedopt's "
+           "GPU performance",
+}
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -106,8 +80,28 @@ def _flat_range(text: str) -> tuple[int, int, int]:
     return (nums[0], nums[1], nums[2] if len(nums) == 3 else 2)
 
 
+def _per_device(table: dict[tuple[str, bool], Any], show: Any = str) -> str:
+    """``cuda: A; cpu: B; with --quick: cuda: C, cpu: D``, from a (device, quick) table."""
+    normal = "; ".join(f"{d}: {show(table[(d, False)])}" for d in ("cuda", "cpu"))
+    quick = ", ".join(f"{d}: {show(table[(d, True)])}" for d in ("cuda", "cpu"))
+    return f"{normal}; with --quick: {quick}"
+
+
+def _settings_default(name: str) -> str:
+    """A Settings field's default per device and with --quick, for --help."""
+    table = {(d, q): getattr(measure.Settings.for_device(d, q), name)
+             for d in ("cuda", "cpu") for q in (False, True)}  # fmt: skip
+    if name == "target_run_s":
+        return _per_device(table, lambda s: f"{s * 1e3:g}")
+    return _per_device(table)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; ``--help`` documents every option."""
+    """The argument parser; ``--help`` documents every option, with defaults taken from the
+    constants the run uses."""
+    flat = _per_device(DEFAULT_FLAT, lambda r: ":".join(map(str, r)))
+    host_config = " ".join([*host_mod.DEFAULT_WORKLOADS, *host_mod.DEFAULT_OPTIMIZERS,
+                            *host_mod.DEFAULT_DTYPES])
     p = argparse.ArgumentParser(
         prog="fusedopt-bench",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -115,15 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
             "Measure optimizer-step throughput of fusedopt against torch.optim (and any\n"
             "importable apex / bitsandbytes / torchao / optimi / flashoptim), as effective\n"
             "GB/s, % of the device's copy bandwidth measured in the same run, and speedup\n"
-            "vs torch fused (CUDA) or torch's default implementation (CPU).\n\n"
-            "Writes results.json, results.csv, PNG plots and a README.md summary to --out,\n"
-            "and prints a table.\n"
-            "With no arguments on a machine without a GPU: a short CPU comparison."
+            "vs torch fused (CUDA) or torch's default implementation (CPU); every row is also\n"
+            "checked against torch.optim after its first steps.\n\n"
+            "Prints the plan and its time estimate, a progress bar, then each section's table\n"
+            "with a legend of its columns; writes results.json, results.csv, PNG plots and a\n"
+            "README.md (the tables and legends) to --out.\n\n"
+            "With no workload options on a machine without a GPU, two sections:\n"
+            "  1. host time per step of fusedopt's engine, as `fusedopt-bench host`\n"
+            f"     ({host_config}), with its floor; written to host.json, host.csv;\n"
+            "  2. fusedopt's reference path (pure torch: what fusedopt runs without a GPU) vs\n"
+            "     torch.optim on small workloads: a sanity check, not fusedopt's GPU performance."
         ),
         epilog=(
-            "other commands:\n"
-            "  fusedopt-bench plot RESULTS.csv [--out DIR]   redraw the plots, no measuring\n\n"
+            "other commands (each has --help):\n"
+            "  fusedopt-bench plot RESULTS.csv [--out DIR]   redraw the plots, no measuring\n"
+            "  fusedopt-bench host [options]                 host ms/step of fusedopt's engine\n"
+            "                                                with the kernel launch stubbed out,\n"
+            "                                                against a floor\n\n"
             "examples:\n"
+            "  fusedopt-bench --quick\n"
             "  fusedopt-bench --device cuda\n"
             "  fusedopt-bench --device cuda --workloads gpt2 llama1b --dtypes bf16 --compile\n"
             "  fusedopt-bench --optimizers AdamW AdamW:amsgrad=True SGD:momentum=0\n"
@@ -140,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter-shape workloads: flat (the log-scale sweep, see --flat), "
                         "flat:LO-HI[:STEP] or flat:E (2^E elements), gpt2 (124M, 148 tensors), "
                         "llama1b, small2000 (or small<N>: N log-uniform 1e3-2.6e5 tensors, "
-                        "fixed seed), resnet50. Default on cuda: flat gpt2 llama1b small2000 "
-                        "resnet50; on cpu: flat small200 resnet50")
+                        "fixed seed), resnet50. Default: "
+                        + _per_device(DEFAULT_WORKLOADS, " ".join)
+                        + ". Giving it (or --model) also drops the host section of the CPU run")
     p.add_argument("--model", action="append", default=[], metavar="MODULE:FACTORY",
                    help="add a workload with the parameter shapes of FACTORY() from MODULE, "
                         "built on the meta device (no memory); repeatable. With --model and "
@@ -152,31 +157,43 @@ def build_parser() -> argparse.ArgumentParser:
                         "weight_decay=0.01; SGD momentum=0.9), e.g. AdamW:amsgrad=True. "
                         "Default: every one that fusedopt exports")
     p.add_argument("--dtypes", nargs="+", metavar="DTYPE",
-                   help=f"param/grad/state dtype, from: {', '.join(DTYPE_BYTES)} "
-                        "(default: fp32 bf16 on cuda, fp32 on cpu)")
+                   help=f"param/grad/state dtype, from: {', '.join(DTYPE_BYTES)} (default: "
+                        + "; ".join(f"{d}: {' '.join(v)}" for d, v in DEFAULT_DTYPES.items())
+                        + ")")
     p.add_argument("--impls", nargs="+", metavar="IMPL",
                    help="implementations, from: " + ", ".join(impls_mod.all_impls()) +
-                        ". Default on cuda: fusedopt torch-foreach torch-fused torch-fused-graph "
-                        "+ every importable library; on cpu: fusedopt torch torch-foreach "
-                        "torch-fused. See --list")
+                        ". Default: " + "; ".join(f"{d}: {' '.join(v)}" for d, v in
+                                                  impls_mod.DEFAULT_IMPLS.items())
+                        + "; plus every importable library. See --list")
     p.add_argument("--compile", action="store_true",
                    help="also run torch-compile (a torch.compile'd step; slow to compile, its "
                         "compile time is reported)")
     p.add_argument("--quick", action="store_true",
-                   help="fewer/smaller workloads and shorter timing: a smoke test, not a result")
+                   help="fewer/smaller workloads, fewer host steps and shorter timing: a smoke "
+                        "test of the whole run, not a result")
     p.add_argument("--out", type=Path, default=Path("bench-out"),
                    help="output directory (default: ./bench-out)")
     p.add_argument("--flat", type=_flat_range, metavar="LO:HI[:STEP]",
-                   help="log2 range of the flat sweep (default 12:28:2 on cuda, 12:22:2 on cpu)")
-    p.add_argument("--warmup", type=int, help="warm-up steps before timing")
-    p.add_argument("--repeats", type=int, help="timed runs per configuration (median reported)")
+                   help=f"log2 range of the flat sweep (default: {flat})")
+    p.add_argument("--warmup", type=int,
+                   help=f"warm-up steps before timing (default: {_settings_default('warmup')})")
+    p.add_argument("--repeats", type=int,
+                   help="timed runs per configuration; ms/step is their median and their "
+                        f"spread flags noise (default: {_settings_default('repeats')})")
     p.add_argument("--target-ms", type=float,
-                   help="wall time of one timed run; sets the steps per run (default 100 cpu, "
-                        "200 cuda)")
-    p.add_argument("--max-steps", type=int, help="upper bound on steps per timed run")
-    p.add_argument("--seed", type=int, default=0, help="seed for data and small<N> shapes")
+                   help="wall time of one timed run, which sets the steps per run (default: "
+                        f"{_settings_default('target_run_s')})")
+    p.add_argument("--max-steps", type=int,
+                   help=f"upper bound on steps per timed run (default: "
+                        f"{_settings_default('max_steps')})")
+    p.add_argument("--threads", type=int, default=measure.TIMING_THREADS,
+                   help="torch intra-op threads while measuring, restored afterwards; more "
+                        "threads on a small busy machine make CPU timings noise (default: "
+                        f"{measure.TIMING_THREADS}; --e2e uses torch's default)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for data and small<N> shapes (default: 0)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no plan, no progress bar")
     p.add_argument("--list", action="store_true",
                    help="list workloads, optimizers (with bytes/param) and implementations "
                         "(with availability here), then exit")
@@ -186,19 +203,206 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokens with each optimizer/impl; report forward+backward vs optimizer "
                         "time and tokens/s (writes e2e.json, e2e.csv, e2e.png)")
     e.add_argument("--e2e-model", choices=list(e2e_mod.CONFIGS),
-                   help="model size (default: gpt2 = 124M on cuda, tiny = 4M on cpu)")
-    e.add_argument("--e2e-steps", type=int, default=None,
-                   help="timed training steps (default 20; 5 with --quick)")
-    e.add_argument("--e2e-warmup", type=int, default=None,
-                   help="untimed first steps (default 3; 1 with --quick)")
-    e.add_argument("--e2e-batch", type=int, default=None, help="sequences per batch (default 8)")
+                   help="model size (default: "
+                        + "; ".join(f"{d}: {m}" for d, m in e2e_mod.DEFAULT_MODEL.items())
+                        + f"; with --quick: {E2E_QUICK_MODEL})")
+    for key, what in (("steps", "timed training steps"), ("warmup", "untimed first steps"),
+                      ("batch", "sequences per batch")):
+        e.add_argument(f"--e2e-{key}", type=int, default=None,
+                       help=f"{what} (default: {E2E_DEFAULTS[False][key]}; "
+                            f"{E2E_DEFAULTS[True][key]} with --quick)")
     return p
+
+
+# ---------------------------------------------------------------------------
+# What to run
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """The names on the command line, resolved: every typo fails here, before measuring."""
+
+    specs: list[OptSpec]
+    dtypes: list[str]
+    impls: list[Impl]
+    workloads: list[Workload] = field(default_factory=list)
+    jobs: list[tuple[Workload, OptSpec, str, Impl]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def resolve_request(args: argparse.Namespace, device: str) -> Request:
+    """Resolve optimizers, dtypes, implementations and workloads, and list the configurations
+    to measure and the skipped ones. Raises UnknownNameError / ValueError / ImportError."""
+    specs = [OptSpec.parse(n) for n in _split(args.optimizers) or []]
+    if not specs:
+        names = impls_mod.fusedopt_optimizers()
+        if not names:
+            print(f"warning: fusedopt exports no optimizers; comparing torch on "
+                  f"{', '.join(FALLBACK_OPTIMIZERS)}", file=sys.stderr)
+            names = FALLBACK_OPTIMIZERS
+        specs = [OptSpec(n) for n in names]
+    dtypes = [canonical_dtype(d) for d in _split(args.dtypes) or DEFAULT_DTYPES[device]]
+    impl_names = _split(args.impls) or impls_mod.default_impls(device)
+    if args.compile and "torch-compile" not in impl_names:
+        impl_names.append("torch-compile")
+    req = Request(specs, dtypes, impls_mod.resolve(impl_names))
+    if args.e2e:
+        return req
+    key = (device, args.quick)
+    wl_names = _split(args.workloads)
+    if wl_names is None:
+        wl_names = [] if args.model else DEFAULT_WORKLOADS[key]
+    req.workloads = workloads.resolve(wl_names, flat_range=args.flat or DEFAULT_FLAT[key],
+                                      seed=args.seed)  # fmt: skip
+    req.workloads += [workloads.from_model(m) for m in args.model]
+    for impl in req.impls:
+        if (why := impl.unavailable(device)) is not None:
+            req.skipped.append({"impl": impl.name, "reason": why})
+    runnable = [i for i in req.impls if i.unavailable(device) is None]
+    for w in req.workloads:
+        for spec in specs:
+            for dtype in dtypes:
+                for impl in runnable:
+                    why = impl.unsupported(spec.name, device, dtype)
+                    if why is None:
+                        req.jobs.append((w, spec, dtype, impl))
+                    elif w is req.workloads[0]:  # same reason for every workload: report once
+                        req.skipped.append({"optimizer": spec.label, "dtype": dtype,
+                                            "impl": impl.name, "reason": why})  # fmt: skip
+    return req
+
+
+def _settings(args: argparse.Namespace, device: str) -> measure.Settings:
+    settings = measure.Settings.for_device(device, args.quick)
+    settings.seed = args.seed
+    for name, value in (("warmup", args.warmup), ("repeats", args.repeats),
+                        ("max_steps", args.max_steps)):  # fmt: skip
+        if value is not None:
+            setattr(settings, name, value)
+    if args.target_ms is not None:
+        settings.target_run_s = args.target_ms / 1e3
+    return settings
+
+
+def is_cpu_default(args: argparse.Namespace, device: str) -> bool:
+    """The bare CPU run: no workloads asked for, so the run says what a CPU can say."""
+    return device == "cpu" and args.workloads is None and not args.model
+
+
+def build_sections(args: argparse.Namespace, device: str, req: Request, meta: dict,
+                   copy_gbps: float) -> list[Section]:
+    """The run's sections, planned with ``copy_gbps`` (the measured ceiling)."""
+    steps = steps_section(req, device, _settings(args, device), meta, args.out,
+                          plots=not args.no_plots, copy_gbps=copy_gbps)
+    sections = [steps]
+    if is_cpu_default(args, device) and impls_mod.fusedopt_optimizers():
+        sections = cpu_default_sections(args.quick, meta, args.out, steps)
+    plan.add_first_use(sections)
+    return sections
+
+
+def cpu_default_sections(quick: bool, meta: dict, out: Path, steps: Section) -> list[Section]:
+    """What a CPU can say about fusedopt, in order: the engine's host time (meaningful on any
+    machine), then the reference path as a sanity check against torch.optim. A later section
+    (e.g. a static roofline) goes at the end of this list."""
+    host = host_section(list(host_mod.DEFAULT_WORKLOADS), list(host_mod.DEFAULT_OPTIMIZERS),
+                        list(host_mod.DEFAULT_DTYPES), "cpu", *host_mod.DEFAULT_STEPS[quick],
+                        meta=meta, out=out)
+    return [host, steps]
+
+
+def steps_section(req: Request, device: str, settings: measure.Settings, meta: dict,
+                  out: Path, *, plots: bool, copy_gbps: float) -> Section:
+    """The step micro-benchmark: one row per (workload, optimizer, dtype, impl)."""
+    jobs = []
+    for w, spec, dtype, impl in req.jobs:
+        bpp = bytes_per_param(spec.name, dtype, spec.hparams)
+        jobs.append(Job(f"{w.name} {spec.label} {dtype} {impl.name}",
+                        plan.row_seconds(w, bpp, impl.name, device, settings, copy_gbps),
+                        functools.partial(measure.measure_one, w, spec, dtype, impl, device,
+                                          settings)))  # fmt: skip
+    figures = (len({(s.label, d) for _, s, d, _ in req.jobs})  # GB/s, one per (optimizer, dtype)
+               + len({w.family for w, *_ in req.jobs}) + 1) if plots and req.jobs else 0
+
+    def finish(rows: list[dict]) -> SectionOutput:
+        if not rows:
+            return SectionOutput("nothing to run: no implementation supports the requested "
+                                 "optimizers here", [], False)
+        report.add_derived(rows, meta, impls_mod.BASELINE_ORDER[device])
+        report.write_json(out / "results.json", meta, rows, req.skipped)
+        report.write_csv(out / "results.csv", rows)
+        text = report.format_table(rows, meta)
+        if req.skipped:
+            text += (f"\n\nskipped {len(req.skipped)} (implementation, optimizer) pair(s): "
+                     + "; ".join(f"{s['impl']}{' ' + s['optimizer'] if 'optimizer' in s else ''}"
+                                 f": {s['reason']}" for s in _dedupe(req.skipped)))  # fmt: skip
+        files = [out / "results.json", out / "results.csv"]
+        if plots:
+            files += _plots(rows, out)
+        return SectionOutput(text, files, all(r["status"] == "ok" for r in rows))
+
+    return Section(STEPS_TITLE[device], jobs, finish, finish_s=figures * plan.PLOT_S)
+
+
+def host_section(workload_names: list[str], optimizers: list[str], dtypes: list[str],
+                 device: str, steps: int, repeats: int, *, meta: dict,
+                 out: Path | None) -> Section:
+    """The engine's host time per step (``host.measure_host``), one row per configuration."""
+    loads = workloads.resolve(workload_names)
+    specs = [OptSpec.parse(n) for n in optimizers]
+    jobs = [Job(f"host {w.name} {s.label} {d}", host_mod.planned_seconds(w, steps, repeats),
+                functools.partial(host_mod.measure_host, w, s, d, device, steps, repeats))
+            for w in loads for s in specs for d in (canonical_dtype(x) for x in dtypes)]
+
+    def finish(rows: list[dict]) -> SectionOutput:
+        files = []
+        if out is not None and rows:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "host.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1,
+                                                      default=str) + "\n")
+            report.write_csv(out / "host.csv", rows, fields=host_mod.FIELDS)
+            files = [out / "host.json", out / "host.csv"]
+        return SectionOutput(host_mod.format_host_table(rows), files,
+                             all(r["status"] == "ok" for r in rows))
+
+    return Section(HOST_TITLE, jobs, finish)
+
+
+def run_sections(sections: list[Section], quiet: bool) -> tuple[list[list[dict]], float]:
+    """Run every job, with one progress bar for them all: (rows per section, seconds)."""
+    progress = Progress([j.planned_s for s in sections for j in s.jobs], enabled=not quiet)
+    results = []
+    for section in sections:
+        rows = []
+        for job in section.jobs:
+            progress.start(job.label)
+            rows.append(job.run())
+            progress.advance()
+        results.append(rows)
+    progress.close()
+    return results, progress.elapsed
+
+
+def _print_sections(sections: list[Section], outputs: list[SectionOutput]) -> None:
+    for i, (section, output) in enumerate(zip(sections, outputs), 1):
+        if i > 1:
+            print()
+        number = f"{i}. " if len(sections) > 1 else ""
+        print(f"== {number}{section.title} ==\n")
+        print(output.text)
+
+
+# ---------------------------------------------------------------------------
+# Subcommands
+# ---------------------------------------------------------------------------
 
 
 def _plot_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="fusedopt-bench plot",
                                 description="Draw the benchmark plots from a results CSV "
-                                            "written by fusedopt-bench, without measuring.")
+                                            "written by fusedopt-bench, without measuring. "
+                                            "As in a fresh run, a noisy row gets no bar.")
     p.add_argument("csv", type=Path, help="results.csv from a previous run")
     p.add_argument("--out", type=Path, default=None,
                    help="where to write the PNGs (default: the CSV's directory)")
@@ -220,60 +424,86 @@ def _plot_main(argv: list[str]) -> int:
     return 0
 
 
-def _host_main(argv: list[str]) -> int:
+def build_host_parser() -> argparse.ArgumentParser:
+    """The parser of ``fusedopt-bench host``; defaults come from ``host``'s constants."""
+    steps, repeats = host_mod.DEFAULT_STEPS[False]
+    quick_steps, quick_repeats = host_mod.DEFAULT_STEPS[True]
     p = argparse.ArgumentParser(
         prog="fusedopt-bench host",
-        description="Time the host side of fusedopt's step (Python work around the launch) "
-                    "with the kernel launch replaced by a no-op: with the same grads every "
-                    "step, and with new grad storage every step (zero_grad(set_to_none=True)).")
+        description="Time the host side of fusedopt's step (the Python work around its one "
+                    "kernel launch) with the launch replaced by a no-op, on any machine: "
+                    "with the same grads every step (steady) and with new grad storage every "
+                    "step (new grads, as zero_grad(set_to_none=True) gives), against a floor: "
+                    "one Python pass reading p.grad.data_ptr() over the same tensors, timed "
+                    "the same way. Prints ms per step and the ratios to the floor.")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where the tensors live (default: cuda if available, else cpu)")
-    p.add_argument("--workloads", default="small2000,gpt2",
-                   help="comma-separated workload names (default: small2000,gpt2)")
-    p.add_argument("--optimizers", default="AdamW", help="comma-separated fusedopt optimizers")
-    p.add_argument("--dtypes", default="fp32", help="comma-separated dtypes (default: fp32)")
-    p.add_argument("--steps", type=int, default=100, help="steps per repeat (default: 100)")
-    p.add_argument("--out", type=Path, default=None, help="also write host.json and host.csv here")
+    p.add_argument("--workloads", default=",".join(host_mod.DEFAULT_WORKLOADS),
+                   help="comma-separated workload names, as for fusedopt-bench --workloads "
+                        f"(default: {','.join(host_mod.DEFAULT_WORKLOADS)})")
+    p.add_argument("--optimizers", default=",".join(host_mod.DEFAULT_OPTIMIZERS),
+                   help="comma-separated fusedopt optimizers, Name[:k=v] "
+                        f"(default: {','.join(host_mod.DEFAULT_OPTIMIZERS)})")
+    p.add_argument("--dtypes", default=",".join(host_mod.DEFAULT_DTYPES),
+                   help=f"comma-separated dtypes (default: {','.join(host_mod.DEFAULT_DTYPES)})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"timed steps per repeat (default: {steps}; {quick_steps} with --quick)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"repeats; the median is reported (default: {repeats}; {quick_repeats} "
+                        "with --quick)")
+    p.add_argument("--quick", action="store_true", help="fewer steps and repeats: a smoke test")
+    p.add_argument("--threads", type=int, default=measure.TIMING_THREADS,
+                   help="torch intra-op threads while timing, restored afterwards "
+                        f"(default: {measure.TIMING_THREADS})")
+    p.add_argument("--out", type=Path, default=None,
+                   help="also write host.json and host.csv here (default: print only)")
+    p.add_argument("--quiet", action="store_true", help="no plan, no progress bar")
+    return p
+
+
+def _host_main(argv: list[str]) -> int:
+    p = build_host_parser()
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device (use --device cpu)")
+    default_steps, default_repeats = host_mod.DEFAULT_STEPS[args.quick]
+    optimizers = _split([args.optimizers]) or []
+    meta = {"device": device, "device_name": measure.device_name(device), **report.versions(),
+            "timing_threads": args.threads, "torch_num_threads": torch.get_num_threads(),
+            "command": "fusedopt-bench host " + " ".join(argv)}
     try:
-        loads = workloads.resolve(_split([args.workloads]) or [])
-        specs = [impls_mod.OptSpec.parse(n) for n in _split([args.optimizers]) or []]
-        dtypes = [canonical_dtype(d) for d in _split([args.dtypes]) or []]
-    except (UnknownNameError, ValueError) as err:
+        present = impls_mod.fusedopt_optimizers()
+        missing = [s.name for s in map(OptSpec.parse, optimizers) if s.name not in present]
+        if missing:
+            p.error(f"not a fusedopt optimizer: {', '.join(missing)}; "
+                    f"fusedopt has {', '.join(present)}")
+        section = host_section(_split([args.workloads]) or [], optimizers,
+                               _split([args.dtypes]) or [], device,
+                               args.steps or default_steps, args.repeats or default_repeats,
+                               meta=meta, out=args.out)
+    except ValueError as err:  # UnknownNameError is a ValueError
         p.error(str(err))
-    present = impls_mod.fusedopt_optimizers()
-    missing = [s.name for s in specs if s.name not in present]
-    if missing:
-        p.error(f"not a fusedopt optimizer: {', '.join(missing)}; "
-                f"fusedopt has {', '.join(present)}")
-    from . import host
-
-    rows = [host.measure_host(w, s, d, device, steps=args.steps)
-            for w in loads for s in specs for d in dtypes]
-    print(host.format_host_table(rows))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        meta = {"device": device, "device_name": measure.device_name(device),
-                **report.versions(), "command": "fusedopt-bench host " + " ".join(argv)}
-        (args.out / "host.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        report.write_csv(args.out / "host.csv", rows, fields=list(rows[0]))
-    return 0
+    if not args.quiet:
+        print(plan.describe([section]), file=sys.stderr)
+    with measure.pinned_threads(args.threads):
+        (rows,), _ = run_sections([section], args.quiet)
+    output = section.finish(rows)
+    print(output.text)
+    return 0 if output.ok else 1
 
 
 def _list(device: str) -> int:
     print("workloads:")
     for w in workloads.resolve(["gpt2", "llama1b", "resnet50", "small2000"]):
         print(f"  {w.name:<10} {w.num_tensors:>5} tensors {w.numel:>14,} params  {w.description}")
-    lo, hi, st = workloads.FLAT_RANGE[device]
+    lo, hi, st = DEFAULT_FLAT[(device, False)]
     print(f"  flat       sweep 2^{lo}..2^{hi} step {st} on {device} (--flat to change);"
           " flat:E, flat:LO-HI[:STEP], small<N>, --model MODULE:FACTORY")
     present = impls_mod.fusedopt_optimizers()
     print("\noptimizers (bytes/param fp32 / bf16; * = exported by fusedopt):")
     for name in KNOWN:
-        hp = impls_mod.OptSpec(name).hparams
+        hp = OptSpec(name).hparams
         b32, b16 = bytes_per_param(name, "fp32", hp), bytes_per_param(name, "bf16", hp)
         star = "*" if name in present else " "
         print(f"  {star} {name:<9} {b32:>3} / {b16:>2} B   bench hparams {hp}")
@@ -298,106 +528,51 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device (use --device cpu)")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
     if args.list:
         return _list(device)
-    key = (device, args.quick)
-
-    # Resolve every name first so that a typo fails before any measuring.
-    try:
-        specs = [impls_mod.OptSpec.parse(n) for n in _split(args.optimizers) or []]
-        if not specs:
-            names = impls_mod.fusedopt_optimizers()
-            if not names:
-                print(f"warning: fusedopt exports no optimizers; comparing torch on "
-                      f"{', '.join(FALLBACK_OPTIMIZERS)}", file=sys.stderr)
-                names = FALLBACK_OPTIMIZERS
-            specs = [impls_mod.OptSpec(n) for n in names]
-        dtypes = [canonical_dtype(d) for d in _split(args.dtypes) or DEFAULT_DTYPES[device]]
-        impl_names = _split(args.impls) or impls_mod.default_impls(device)
-        if args.compile and "torch-compile" not in impl_names:
-            impl_names.append("torch-compile")
-        impls = impls_mod.resolve(impl_names)
-        if not args.e2e:
-            wl_names = _split(args.workloads)
-            if wl_names is None:
-                wl_names = [] if args.model else DEFAULT_WORKLOADS[key]
-            wls = workloads.resolve(wl_names, flat_range=args.flat or DEFAULT_FLAT[key],
-                                    seed=args.seed)  # fmt: skip
-            wls += [workloads.from_model(m) for m in args.model]
-    except UnknownNameError as err:
-        parser.error(str(err))
-    except (ValueError, ImportError, AttributeError) as err:
+    try:  # every name first, so that a typo fails before any measuring
+        req = resolve_request(args, device)
+    except (ValueError, ImportError, AttributeError) as err:  # UnknownNameError is a ValueError
         parser.error(str(err))
 
     interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if device == "cpu" and interpreting and any(i.name == "fusedopt" for i in impls):
+    if device == "cpu" and interpreting and any(i.name == "fusedopt" for i in req.impls):
         print("warning: TRITON_INTERPRET is set, so the fusedopt impl runs triton's interpreter "
               "(very slow); use --impls fusedopt-reference ... for the CPU reference path",
               file=sys.stderr)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     if args.e2e:
-        return _run_e2e(args, device, specs, dtypes, impls)
+        return _run_e2e(args, device, req)
 
-    settings = measure.Settings.for_device(device, args.quick)
-    settings.seed = args.seed
-    for field, value in (("warmup", args.warmup), ("repeats", args.repeats),
-                         ("max_steps", args.max_steps)):  # fmt: skip
-        if value is not None:
-            setattr(settings, field, value)
-    if args.target_ms is not None:
-        settings.target_run_s = args.target_ms / 1e3
+    default_threads = torch.get_num_threads()
+    with measure.pinned_threads(args.threads):
+        dev_name = measure.device_name(device)
+        if not args.quiet:
+            print(f"measuring copy bandwidth on {dev_name} ...", file=sys.stderr)
+        ceiling = measure.measure_ceiling(device)
+        meta = report.make_meta(
+            device, dev_name, ceiling, timing_threads=args.threads,
+            cache_bytes=measure.cache_bytes(device), settings=vars(_settings(args, device)),
+            workloads={w.name: {"tensors": w.num_tensors, "numel": w.numel,
+                                "description": w.description} for w in req.workloads})
+        meta["torch_num_threads"] = default_threads
+        sections = build_sections(args, device, req, meta, ceiling["gbps"])
+        meta["planned_s"] = sum(s.planned_s for s in sections)
+        meta["sections"] = [s.title for s in sections]
+        if not args.quiet:
+            print(plan.describe(sections), file=sys.stderr)
+        results, meta["elapsed_s"] = run_sections(sections, args.quiet)
 
-    jobs, skipped = [], []
-    for impl in impls:
-        if (why := impl.unavailable(device)) is not None:
-            skipped.append({"impl": impl.name, "reason": why})
-    runnable = [i for i in impls if i.unavailable(device) is None]
-    for w in wls:
-        for spec in specs:
-            for dtype in dtypes:
-                for impl in runnable:
-                    why = impl.unsupported(spec.name, device, dtype)
-                    if why is None:
-                        jobs.append((w, spec, dtype, impl))
-                    elif w is wls[0]:  # same reason for every workload: report once
-                        skipped.append({"optimizer": spec.label, "dtype": dtype,
-                                        "impl": impl.name, "reason": why})  # fmt: skip
-
-    dev_name = measure.device_name(device)
-    if not args.quiet:
-        print(f"measuring copy bandwidth on {dev_name} ...", file=sys.stderr)
-    ceiling = measure.measure_ceiling(device)
-    meta = report.make_meta(device, dev_name, ceiling, settings=vars(settings),
-                            workloads={w.name: {"tensors": w.num_tensors, "numel": w.numel,
-                                                "description": w.description} for w in wls})
-    progress = Progress(len(jobs), enabled=not args.quiet)
-    rows = []
-    for w, spec, dtype, impl in jobs:
-        progress.start(f"{w.name} {spec.label} {dtype} {impl.name}")
-        rows.append(measure.measure_one(w, spec, dtype, impl, device, settings))
-        progress.advance()
-    progress.close()
-
-    report.add_derived(rows, meta, impls_mod.BASELINE_ORDER[device])
-    report.write_json(args.out / "results.json", meta, rows, skipped)
-    report.write_csv(args.out / "results.csv", rows)
-    table = report.format_table(rows, meta)
-    print(table)
-    if skipped:
-        print(f"\nskipped {len(skipped)} (implementation, optimizer) pair(s): "
-              + "; ".join(f"{s['impl']}{' ' + s['optimizer'] if 'optimizer' in s else ''}: "
-                          f"{s['reason']}" for s in _dedupe(skipped)))  # fmt: skip
-    if not jobs:
-        print("nothing to run: no implementation supports the requested optimizers here",
-              file=sys.stderr)
-        return 1
-    written = [args.out / "results.json", args.out / "results.csv"]
-    if not args.no_plots:
-        written += _plots(rows, args.out)
-    report.write_summary(args.out / "README.md", meta, table, written)
+    outputs = [s.finish(rows) for s, rows in zip(sections, results)]
+    _print_sections(sections, outputs)
+    written = [f for o in outputs for f in o.files]
+    report.write_summary(args.out / "README.md", meta,
+                         [(s.title, o.text) for s, o in zip(sections, outputs)], written)
     written.append(args.out / "README.md")
     print("\nwrote " + ", ".join(str(p) for p in written))
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    return 0 if all(o.ok for o in outputs) else 1
 
 
 def _dedupe(skipped: list[dict]) -> list[dict]:
@@ -420,26 +595,24 @@ def _plots(rows: list[dict], out: Path) -> list[Path]:
         return []
 
 
-def _run_e2e(args: argparse.Namespace, device: str, specs: list, dtypes: list[str],
-             impls: list) -> int:  # fmt: skip
-    model = args.e2e_model or ("tiny" if args.quick else e2e_mod.DEFAULT_MODEL[device])
-    steps = args.e2e_steps or (5 if args.quick else 20)
-    warmup = args.e2e_warmup if args.e2e_warmup is not None else (1 if args.quick else 3)
-    batch = args.e2e_batch or (4 if args.quick else 8)
+def _run_e2e(args: argparse.Namespace, device: str, req: Request) -> int:
+    defaults = E2E_DEFAULTS[args.quick]
+    model = args.e2e_model or (E2E_QUICK_MODEL if args.quick else e2e_mod.DEFAULT_MODEL[device])
+    steps = args.e2e_steps or defaults["steps"]
+    warmup = args.e2e_warmup if args.e2e_warmup is not None else defaults["warmup"]
+    batch = args.e2e_batch or defaults["batch"]
     dev_name = measure.device_name(device)
-    n_jobs = sum(1 for _ in dtypes for s in specs for i in impls
+    n_jobs = sum(1 for _ in req.dtypes for s in req.specs for i in req.impls
                  if i.unavailable(device) is None and i.unsupported(s.name, device, "") is None)
-    progress = Progress(n_jobs, enabled=not args.quiet)
-    rows, skipped = e2e_mod.run_e2e(device, specs, dtypes, impls, model_name=model, steps=steps,
-                                    warmup=warmup, batch=batch, seed=args.seed,
+    progress = Progress([1.0] * n_jobs, enabled=not args.quiet)  # no time model: equal shares
+    rows, skipped = e2e_mod.run_e2e(device, req.specs, req.dtypes, req.impls, model_name=model,
+                                    steps=steps, warmup=warmup, batch=batch, seed=args.seed,
                                     progress=progress)  # fmt: skip
     progress.close()
     env = {"device": device, "device_name": dev_name, **report.versions()}
     for r in rows:
         r.update({k: env.get(k) for k in ("device", "device_name", "torch_version",
                                           "triton_version", "fusedopt_version")})
-    import json
-
     (args.out / "e2e.json").write_text(json.dumps(
         {"schema": "fusedopt-bench-e2e/1", "meta": {**env, "model": model, "steps": steps,
          "warmup": warmup, "batch": batch, "argv": sys.argv[1:]},

@@ -87,6 +87,7 @@ class Built:
     optimizer: Any
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    first_call_steps: int = 1  # optimizer steps the first step() call takes (warm-up + capture)
 
 
 def _construct(cls: Any, params: list, hparams: dict[str, Any], **extra: Any) -> tuple[Any, str]:
@@ -142,11 +143,12 @@ class FusedOpt(Impl):
     def __init__(self, backend: str | None = None):
         self.backend = backend
         self.name = "fusedopt" if backend is None else f"fusedopt-{backend}"
-        self.description = (
-            "fusedopt, default backend (triton on CUDA or under TRITON_INTERPRET=1, else reference)"
-            if backend is None
-            else f"fusedopt with backend={backend!r}"
-        )
+        self.description = {
+            None: "fusedopt, default backend (triton on CUDA or under TRITON_INTERPRET=1, else "
+                  "reference)",
+            "reference": "fusedopt with backend='reference': per-tensor torch ops, what "
+                         "fusedopt runs without a GPU (not the Triton kernel)",
+        }.get(backend, f"fusedopt with backend={backend!r}")
 
     def unavailable(self, device: str) -> str | None:
         try:
@@ -258,7 +260,8 @@ class TorchFusedGraph(Impl):
                 graph.append(g)
             graph[0].replay()
 
-        return Built(step, opt, note=f"capture after {self.warmup_steps} warmup steps")
+        return Built(step, opt, note=f"capture after {self.warmup_steps} warmup steps",
+                     first_call_steps=self.warmup_steps + 1)  # warm-ups, then the replay
 
 
 class TorchCompile(Impl):
@@ -387,9 +390,11 @@ def all_impls() -> dict[str, Impl]:
 
 
 #: Implementations run when ``--impls`` is not given (third-party added when importable).
+#: On CPU, fusedopt's kernels cannot run (triton needs a GPU), so the default compares its
+#: pure-torch reference path, named explicitly, with torch.optim's default: a sanity check.
 DEFAULT_IMPLS = {
     "cuda": ["fusedopt", "torch-foreach", "torch-fused", "torch-fused-graph"],
-    "cpu": ["fusedopt", "torch", "torch-foreach", "torch-fused"],
+    "cpu": ["fusedopt-reference", "torch"],
 }
 
 #: Speedup baseline, first one present wins: torch fused on CUDA; torch's default on CPU.

@@ -8,11 +8,19 @@ Method (the same for every implementation):
    that is the first-step latency, compile / capture / state init included;
 3. warm up, and pick a step count so one timed run lasts about
    ``target_run_s`` (tiny workloads would otherwise be timer noise);
-4. ``repeats`` times: sync, run the steps back to back, sync. The wall clock
+4. ``repeats`` times: sync, run the steps back to back, sync, with Python's garbage
+   collector paused (a full collection inside a run is 100+ ms of noise). The wall clock
    gives ms/step with host overhead included; on CUDA, events recorded around
-   the same run give the device-side time. Medians are reported with min/max;
+   the same run give the device-side time. Medians are reported with min/max and the
+   interquartile spread, which decides whether a row is too noisy to trust
+   (:func:`too_noisy`, the one place that decides it);
 5. check that params are finite and did change (a no-op would look infinitely
-   fast).
+   fast), and compare them with torch.optim's for-loop implementation stepped the same
+   number of times from the same params and grads (:class:`TorchTwin`).
+
+The caller pins torch's intra-op threads (:func:`pinned_threads`) around all of it: with the
+default thread pool on a small, busy machine, one ``torch.sqrt`` on 4096 floats took 8-12 ms
+instead of 3 us, and the numbers were noise.
 """
 
 from __future__ import annotations
@@ -21,17 +29,31 @@ import gc
 import math
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .bytes_model import bytes_per_param
+from .bytes_model import bytes_per_param, resident_bytes_per_param
 from .impls import Impl, OptSpec
 from .workloads import Workload
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                 "fp64": torch.float64}  # fmt: skip
+
+#: Intra-op threads while timing, unless --threads says otherwise.
+TIMING_THREADS = 1
+#: A row whose timed runs spread more than this (interquartile range, % of the median) is
+#: flagged noisy: the table says so and the plots draw no bar from it.
+NOISY_SPREAD_PCT = 20.0
+#: Last-level cache assumed when the system does not say (bytes).
+FALLBACK_CACHE_BYTES = 32 << 20
+#: Workloads at least this large get a full garbage collection between rows (it costs
+#: ~0.15 s once torch.compile's modules are loaded; small ones only need the young generations).
+FULL_GC_NUMEL = 1 << 22
 
 
 @dataclass
@@ -48,12 +70,53 @@ class Settings:
     @classmethod
     def for_device(cls, device: str, quick: bool = False) -> Settings:
         """Defaults: a little longer on CUDA (more steps are cheap), much shorter with quick.
-        The CPU default keeps a bare ``fusedopt-bench`` on a 2-core machine under 2 minutes."""
+        The CPU default keeps a bare ``fusedopt-bench`` on a 2-core machine under a minute."""
         if quick:
-            return cls(warmup=1, repeats=3, target_run_s=0.02, min_steps=1, max_steps=20)
+            return cls(warmup=1, repeats=3, target_run_s=0.005, min_steps=1, max_steps=20)
         if device == "cuda":
             return cls(warmup=5, repeats=7, target_run_s=0.2, min_steps=3, max_steps=1000)
-        return cls(warmup=2, repeats=5, target_run_s=0.04)
+        return cls(warmup=2, repeats=9, target_run_s=0.04)
+
+
+def spread_of(samples: list[float]) -> float:
+    """Interquartile range of ``samples`` as % of their median: how far the middle half of
+    the timed runs disagree. One preempted run moves max - min, not this."""
+    if len(samples) < 2:
+        return 0.0
+    med = statistics.median(samples)
+    if len(samples) < 4:
+        lo, hi = min(samples), max(samples)
+    else:
+        lo, _, hi = statistics.quantiles(samples, n=4)
+    return (hi - lo) / med * 100 if med > 0 else 0.0
+
+
+def too_noisy(spread: float | None) -> bool:
+    """The one rule for "noisy": a spread (see :func:`spread_of`) above NOISY_SPREAD_PCT."""
+    return spread is not None and spread > NOISY_SPREAD_PCT
+
+
+@contextmanager
+def pinned_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` inside, restored afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No automatic garbage collection inside (what ``timeit`` does while timing)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def sync(device: str) -> None:
@@ -63,7 +126,7 @@ def sync(device: str) -> None:
 
 
 def device_name(device: str) -> str:
-    """The GPU's name, or the CPU model and thread count."""
+    """The GPU's name, or the CPU model and torch's current intra-op thread count."""
     if device == "cuda":
         return torch.cuda.get_device_name()
     model = ""
@@ -75,7 +138,27 @@ def device_name(device: str) -> str:
         import platform
 
         model = platform.processor()
-    return f"{model or 'CPU'} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{model or 'CPU'} ({threads} thread{'s' if threads != 1 else ''})"
+
+
+def cache_bytes(device: str) -> int:
+    """The last-level cache: a working set this small is served from it, not from memory,
+    so the copy ceiling (a copy much larger than it) does not bound its step."""
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return int(getattr(props, "L2_cache_size", 0)) or (50 << 20)
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=FALLBACK_CACHE_BYTES)
 
 
 def error_text(e: BaseException) -> str:
@@ -84,8 +167,11 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
 
 
-def _free_memory(device: str) -> None:
-    gc.collect()
+def _free_memory(device: str, numel: int = FULL_GC_NUMEL) -> None:
+    if device == "cuda" or numel >= FULL_GC_NUMEL:
+        gc.collect()
+    else:
+        gc.collect(1)  # the last row's cycles are young; a full pass would cost more than the row
     if device == "cuda":
         torch.cuda.empty_cache()
 
@@ -184,23 +270,89 @@ def _finite(params: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(maxes).all())
 
 
-def _timed_run(step: Any, steps: int, device: str) -> tuple[float, float | None]:
+class TorchTwin:
+    """torch.optim's for-loop implementation (``foreach=False``) stepping copies of slices of
+    the params, to compare another implementation's params with after the same steps.
+
+    Every optimizer with a torch.optim twin is element-wise, so the first ``slice_numel``
+    elements of up to ``max_tensors`` evenly spaced tensors, stepped on their own, must end
+    where the same elements of the full tensors end: a cheap check on any workload size.
+    """
+
+    max_tensors = 8
+    slice_numel = 1 << 16
+    #: An element may differ by this fraction of the largest update, plus ULPS of its value.
+    #: In bf16/fp16 the fraction is 16 eps (12% / 1.6%): torch's for-loop rounds every op to
+    #: the param dtype, a fused kernel computes in fp32 and rounds once.
+    update_rtol = 1e-3
+    half_update_eps = 16
+    ulps = 4
+
+    def __init__(self, params: list[torch.Tensor], spec: OptSpec):
+        nonempty = [i for i, p in enumerate(params) if p.numel()]
+        step = max(1, math.ceil(len(nonempty) / self.max_tensors))
+        self.picks = nonempty[::step]
+        self.initial = [self._slice(params[i]).clone() for i in self.picks]
+        self.params = []
+        for i, start in zip(self.picks, self.initial):
+            copy = torch.nn.Parameter(start.clone())
+            copy.grad = self._slice(params[i].grad).clone()
+            self.params.append(copy)
+        self.optimizer = getattr(torch.optim, spec.name)(self.params, **spec.hparams,
+                                                         foreach=False)
+
+    @classmethod
+    def of(cls, params: list[torch.Tensor], spec: OptSpec) -> TorchTwin | None:
+        """The twin, or None when torch.optim has no such optimizer (Lion, LAMB) or does not
+        take the row's options: the row is then measured without this check."""
+        if not isinstance(getattr(torch.optim, spec.name, None), type):
+            return None
+        try:
+            return cls(params, spec)
+        except (TypeError, ValueError):
+            return None
+
+    def _slice(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().reshape(-1)[: self.slice_numel]
+
+    def compare(self, params: list[torch.Tensor], steps: int) -> dict[str, Any]:
+        """Step the twin ``steps`` times, then: the largest |param - twin param|, the largest
+        update the twin made, and whether every element is within tolerance."""
+        for _ in range(steps):
+            self.optimizer.step()
+        eps = torch.finfo(self.params[0].dtype).eps
+        rtol = max(self.update_rtol, self.half_update_eps * eps)
+        triples = [(self._slice(params[i]).double(), twin.detach().double(), start.double())
+                   for i, twin, start in zip(self.picks, self.params, self.initial)]
+        if not all(bool(ref.isfinite().all()) for _, ref, _ in triples):
+            return {"check_steps": steps}  # torch.optim itself overflowed (fp16): no verdict
+        max_update = max(float((ref - start).abs().max()) for _, ref, start in triples)
+        max_diff = max(float((ours - ref).abs().max()) for ours, ref, _ in triples)
+        ok = all(bool(((ours - ref).abs() <= rtol * max_update + self.ulps * eps * ref.abs()).all())
+                 for ours, ref, _ in triples)  # NaN in ours compares False: not ok
+        return {"check_steps": steps, "check_max_diff": max_diff,
+                "check_max_update": max_update, "check_ok": ok}
+
+
+def _timed_run(step: Callable[[], Any], steps: int, device: str) -> tuple[float, float | None]:
     """One run of ``steps`` back-to-back steps: (wall seconds, CUDA-event seconds or None)."""
     sync(device)
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with gc_paused():
+        if device == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            start.record()
+            for _ in range(steps):
+                step()
+            end.record()
+            end.synchronize()
+            wall = time.perf_counter() - t0
+            return wall, start.elapsed_time(end) / 1e3
         t0 = time.perf_counter()
-        start.record()
         for _ in range(steps):
             step()
-        end.record()
-        end.synchronize()
-        wall = time.perf_counter() - t0
-        return wall, start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return time.perf_counter() - t0, None
+        return time.perf_counter() - t0, None
 
 
 def measure_one(
@@ -217,16 +369,18 @@ def measure_one(
         "num_tensors": workload.num_tensors, "numel": workload.numel,
         "optimizer": spec.label, "dtype": dtype, "impl": impl.name,
         "bytes_per_param": bpp, "status": "ok", "error": "", "note": "",
+        "working_set_mb": resident_bytes_per_param(spec.name, dtype, spec.hparams)
+                          * workload.numel / 2**20,
     }  # fmt: skip
-    _free_memory(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         mem_base = torch.cuda.memory_allocated()
     params: list[torch.nn.Parameter] = []
-    built = None
+    built = twin = None
     try:
         params = make_params(workload, dtype, device, settings.seed)
         before = _sample(params)
+        twin = TorchTwin.of(params, spec)
         built = impl.build(params, spec, device)
         row["note"] = built.note
 
@@ -244,6 +398,8 @@ def measure_one(
             built.step()
         sync(device)
         est = (time.perf_counter() - t0) / max(settings.warmup, 1) if settings.warmup else first
+        if twin is not None:  # same data, same number of steps so far: compare with torch
+            row.update(twin.compare(params, built.first_call_steps + settings.warmup))
         steps = math.ceil(settings.target_run_s / max(est, 1e-7))
         steps = max(settings.min_steps, min(settings.max_steps, steps))
 
@@ -259,6 +415,7 @@ def measure_one(
             steps=steps, repeats=settings.repeats, ms_per_step=ms,
             ms_min=min(walls) * 1e3, ms_max=max(walls) * 1e3,
             spread_pct=(max(walls) - min(walls)) / statistics.median(walls) * 100,
+            iqr_pct=spread_of(walls),  # ms/step's spread: it decides noisy
             gbps=bpp * workload.numel / (ms / 1e3) / 1e9,
         )  # fmt: skip
         if events:
@@ -277,6 +434,6 @@ def measure_one(
         row["status"] = "error"
         row["error"] = error_text(e)
     finally:
-        del built, params
-        _free_memory(device)
+        del built, params, twin
+        _free_memory(device, workload.numel)
     return row

@@ -7,6 +7,11 @@
   bars, one panel per (optimizer, dtype).
 * ``first_step.png``: first-step latency (compile / capture included), log scale.
 
+Rows are drawn as ``report.add_derived`` judged them: a noisy row (or a speedup leaning on
+one) gets no bar, only a "noisy" mark where its bar would be; noisy throughput points are
+hollow; working sets that fit in the last-level cache are shaded, since the copy ceiling does
+not bound them; on CPU every title says that fusedopt there is its reference path.
+
 matplotlib is imported lazily with the Agg backend, so the rest of the harness
 works on machines without a display (or without matplotlib).
 """
@@ -54,6 +59,16 @@ def _styles(impls: list[str]) -> dict[str, dict[str, Any]]:
             for i, name in enumerate(impls)}  # fmt: skip
 
 
+def _caption(rows: list[dict]) -> str:
+    """What the figure is of, and on CPU what it is not."""
+    dev = next((r.get("device_name") or r.get("device") for r in rows
+                if r.get("device_name") or r.get("device")), "")  # fmt: skip
+    if any(r.get("device") == "cpu" for r in rows):
+        return (f"{dev}\nfusedopt here is its pure-torch reference path: a sanity check, "
+                "not fusedopt's GPU performance")
+    return dev
+
+
 def _grid(n: int, ncols: int = 3) -> tuple[int, int]:
     ncols = min(ncols, n)
     return math.ceil(n / ncols), ncols
@@ -77,10 +92,23 @@ def plot_throughput(rows: list[dict], out_dir: Path) -> list[Path]:
             if flat:
                 ax.plot([r["numel"] for r in flat], [r["gbps"] for r in flat], label=impl,
                         color=st["color"], marker=st["marker"], markersize=4, linewidth=1.5)
+                noisy = [r for r in flat if r.get("noisy")]
+                ax.scatter([r["numel"] for r in noisy], [r["gbps"] for r in noisy], s=60,
+                           facecolors="white", edgecolors=st["color"], zorder=3)
             if other:
                 ax.scatter([r["numel"] for r in other], [r["gbps"] for r in other],
                            color=st["color"], marker=st["marker"], s=60, edgecolors="black",
                            linewidths=0.5, label=None if flat else impl, zorder=3)
+                noisy = [r for r in other if r.get("noisy")]
+                ax.scatter([r["numel"] for r in noisy], [r["gbps"] for r in noisy], s=60,
+                           facecolors="white", edgecolors=st["color"], zorder=4)
+        resident = [r["numel"] for r in group if r.get("cache_resident")]
+        if resident:
+            ax.axvspan(min(r["numel"] for r in group) / 1.5, max(resident) * 1.2,
+                       color="0.85", zorder=0, label="fits in cache: ceiling does not apply")
+        if any(r.get("noisy") for r in group):
+            ax.scatter([], [], facecolors="white", edgecolors="black", s=60,
+                       label="hollow: noisy timing, not a result")
         # Label each non-flat workload once, above its best point.
         for wl, pts in _by([r for r in group if r.get("family") != "flat"], "workload").items():
             best = max(pts, key=lambda r: r["gbps"])
@@ -92,11 +120,10 @@ def plot_throughput(rows: list[dict], out_dir: Path) -> list[Path]:
                         xycoords=("axes fraction", "data"), textcoords="offset points",
                         xytext=(0, 4), fontsize=8)
         bpp = group[0].get("bytes_per_param")
-        dev = group[0].get("device_name") or group[0].get("device") or ""
         ax.set_xscale("log")
         ax.set_xlabel("parameters (elements)")
         ax.set_ylabel(f"effective GB/s ({bpp} B/param minimum)")
-        ax.set_title(f"{opt} {dtype}: throughput vs size\n{dev}", fontsize=10)
+        ax.set_title(f"{opt} {dtype}: throughput vs size\n{_caption(group)}", fontsize=10)
         ax.set_ylim(bottom=0, top=max([ceiling or 0] + [r["gbps"] for r in group]) * 1.15)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
@@ -110,9 +137,11 @@ def plot_throughput(rows: list[dict], out_dir: Path) -> list[Path]:
 
 def _bar_panels(
     rows: list[dict], value: str, title: str, ylabel: str, path: Path, *, log: bool = False,
-    ref_line: float | None = None,
+    ref_line: float | None = None, untrusted: str | None = None,
 ) -> Path | None:
-    """Grouped bars: one panel per (optimizer, dtype), groups = workloads, bars = impls."""
+    """Grouped bars: one panel per (optimizer, dtype), groups = workloads, bars = impls.
+
+    A row whose ``untrusted`` key is true gets no bar: a "noisy" mark stands in its place."""
     plt = _pyplot()
     rows = [r for r in rows if r.get(value) is not None]
     if not rows:
@@ -129,39 +158,55 @@ def _bar_panels(
     for ax, ((opt, dtype), group) in zip(axes.flat, panels.items()):
         wls = [w for w in workloads if any(r["workload"] == w for r in group)]
         bar_w = 0.8 / len(impls)
+        trusted = [r for r in group if not (untrusted and r.get(untrusted))]
         for j, impl in enumerate(impls):
-            xs, ys = [], []
+            xs, ys, noisy_xs = [], [], []
             for i, w in enumerate(wls):
                 hit = next((r for r in group if r["workload"] == w and r["impl"] == impl), None)
-                if hit is not None:
-                    xs.append(i - 0.4 + bar_w * (j + 0.5))
+                if hit is None:
+                    continue
+                x = i - 0.4 + bar_w * (j + 0.5)
+                if not (untrusted and hit.get(untrusted)):
+                    xs.append(x)
                     ys.append(hit[value])
+                else:
+                    noisy_xs.append(x)
             if xs:
                 ax.bar(xs, ys, width=bar_w, color=style[impl]["color"], label=impl)
+            for x in noisy_xs:  # no bar: its height would be noise
+                ax.annotate("noisy", (x, 0), xycoords=("data", "axes fraction"),
+                            xytext=(0, 3), textcoords="offset points", rotation=90,
+                            ha="center", va="bottom", fontsize=7, color=style[impl]["color"])
         if ref_line is not None:
             ax.axhline(ref_line, color="black", linewidth=1, linestyle="--")
+        ax.set_xlim(-0.5, len(wls) - 0.5)  # every group in view, with or without its bars
         ax.set_xticks(range(len(wls)))
         ax.set_xticklabels(wls, rotation=30 if len(wls) > 3 else 0, ha="right" if len(wls) > 3
                            else "center", fontsize=8)  # fmt: skip
-        if log:
+        if log and trusted:
             # Bars on a log axis need a fixed floor, or their heights mean nothing.
             ax.set_yscale("log")
-            ax.set_ylim(bottom=min(r[value] for r in group) / 3)
+            ax.set_ylim(bottom=min(r[value] for r in trusted) / 3)
             ax.yaxis.set_major_formatter(_func_formatter(lambda v, _pos: f"{v:g}"))
         ax.set_title(f"{opt} {dtype}", fontsize=10)
         ax.set_ylabel(ylabel)
         ax.grid(True, axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    seen: dict[str, Any] = {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(lab, h)
-    height = 3.6 * nrows + 0.9  # 0.9 in of header: title, then one legend row
+    # one legend entry per implementation, whether or not any of its bars could be drawn
+    from matplotlib.patches import Patch
+
+    seen = {impl: Patch(color=style[impl]["color"]) for impl in impls}
+    if untrusted and any(r.get(untrusted) for r in rows):
+        fig.text(0.01, 0.005, "noisy: no bar; the timing (this row's or its baseline's) spread "
+                 "too widely to be a result", fontsize=7, va="bottom")
+    extra = 0.2 * title.count("\n")  # each further title line
+    height = 3.6 * nrows + 0.9 + extra  # 0.9 in of header: title, then one legend row
+    fig.set_figheight(height)
     fig.suptitle(title, fontsize=11, y=1 - 0.08 / height, va="top")
     fig.legend(seen.values(), seen.keys(), loc="center", ncol=min(len(seen), 6), fontsize=8,
-               bbox_to_anchor=(0.5, 1 - 0.55 / height), frameon=False)  # fmt: skip
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / height))
+               bbox_to_anchor=(0.5, 1 - (0.55 + extra) / height), frameon=False)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.02, 1, 1 - (0.8 + extra) / height))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -174,8 +219,9 @@ def plot_speedups(rows: list[dict], out_dir: Path) -> list[Path]:
     for (family,), group in _by(ok, "family").items():
         base = sorted({r["baseline_impl"] for r in group if r.get("baseline_impl")})
         p = _bar_panels(group, "speedup", f"{family}: speedup vs {' / '.join(base)} (higher is "
-                        "better)", "speedup (x)", out_dir / f"speedup_{_safe(family)}.png",
-                        ref_line=1.0)  # fmt: skip
+                        f"better)\n{_caption(group)}", "speedup (x)",
+                        out_dir / f"speedup_{_safe(family)}.png", ref_line=1.0,
+                        untrusted="speedup_noisy")  # fmt: skip
         if p:
             paths.append(p)
     return paths

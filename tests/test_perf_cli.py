@@ -43,6 +43,10 @@ def test_quick_run_writes_every_output(quick_run, capsys):
 
     assert f"torch {torch.__version__}" in summary and "copy-bandwidth ceiling" in summary
     assert "flat-2^10" in summary  # the table is in it
+    assert "timing: 1 intra-op thread(s)" in summary
+    legend = summary[summary.index("columns:"):]
+    for column in ("ms/step", "spread%", "%ceil", "1st ms", "peak MB", "vs torch", "check"):
+        assert f"  {column} " in legend  # every column explained where the table is
 
 
 def test_quick_run_json_rows(quick_run):
@@ -56,12 +60,18 @@ def test_quick_run_json_rows(quick_run):
     assert len(rows) == len(keys) == 16
     assert {r["workload"] for r in rows} == {"flat-2^8", "flat-2^10"}
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    assert meta["timing_threads"] == 1 and meta["cache_bytes"] > 0
     for r in rows:
         assert r["gbps"] > 0 and r["ms_per_step"] > 0 and r["first_step_ms"] > 0
         assert r["params_finite"] is True and r["params_changed"] is True
         assert r["baseline_impl"] == "torch" and r["speedup"] > 0
         assert r["bytes_per_param"] == {"AdamW": 28, "SGD": 20}[r["optimizer"]]
-        assert r["pct_of_ceiling"] == pytest.approx(100 * r["gbps"] / meta["ceiling_gbps"])
+        # 1024 elements fit in any cache: no % of a copy ceiling that does not bound them
+        assert r["cache_resident"] is True and r["pct_of_ceiling"] is None
+        assert isinstance(r["noisy"], bool) and isinstance(r["speedup_noisy"], bool)
+        # checked against torch.optim after the first steps, from the same params and grads
+        assert r["check_ok"] is True and r["check_steps"] == 2  # first step + 1 warm-up
+        assert r["check_max_diff"] < 1e-6 < r["check_max_update"]
     fused = {r["note"] for r in rows if r["impl"] == "fusedopt-reference"}
     assert fused == {"backend=reference"}
 
@@ -162,7 +172,8 @@ def test_help_documents_every_option():
         assert action.help, f"{action.option_strings} has no help"
     text = parser.format_help()
     for opt in ("--device", "--workloads", "--optimizers", "--dtypes", "--impls", "--quick",
-                "--out", "--model", "--compile", "--e2e", "plot RESULTS.csv"):
+                "--out", "--model", "--compile", "--e2e", "--threads", "plot RESULTS.csv",
+                "fusedopt-bench host"):
         assert opt in text  # fmt: skip
 
 
@@ -185,18 +196,32 @@ def test_console_script_installed():
 
 
 def test_host_overhead_subcommand(tmp_path, capsys):
+    import torch
+
     from fusedopt import kernels
 
-    launch = kernels.launch
+    launch, threads = kernels.launch, torch.get_num_threads()
     rc = main(["host", "--device", "cpu", "--workloads", "small30", "--optimizers", "AdamW,SGD",
-               "--steps", "3", "--out", str(tmp_path)])
+               "--steps", "3", "--repeats", "2", "--quiet", "--out", str(tmp_path)])
     assert rc == 0 and kernels.launch is launch  # the stub is undone
+    assert torch.get_num_threads() == threads  # and the thread count restored
     table = capsys.readouterr().out
     assert "small30" in table and "AdamW" in table and "SGD" in table
+    head = table.splitlines()[0].split()
+    assert head[:5] == ["workload", "tensors", "optimizer", "dtype", "device"]
+    for column in ("floor ms", "steady/floor", "new/floor"):
+        assert column in table.splitlines()[0] and f"  {column} " in table  # legend too
     rows = json.loads((tmp_path / "host.json").read_text())["rows"]
     assert [(r["optimizer"], r["tensors"]) for r in rows] == [("AdamW", 30), ("SGD", 30)]
-    assert all(0 < r["steady_ms"] < 1e3 and 0 < r["new_grads_ms"] < 1e3 for r in rows)
-    assert (tmp_path / "host.csv").read_text().startswith("workload,tensors,")
+    for r in rows:
+        assert r["status"] == "ok", r["error"]
+        assert 0 < r["floor_ms"] < r["steady_ms"] < 1e3 and 0 < r["new_grads_ms"] < 1e3
+        assert r["steady_per_floor"] == pytest.approx(r["steady_ms"] / r["floor_ms"])
+        assert r["new_grads_per_floor"] == pytest.approx(r["new_grads_ms"] / r["floor_ms"])
+        assert f"{r['steady_per_floor']:.1f}x" in table
+    header = (tmp_path / "host.csv").read_text().splitlines()[0].split(",")
+    assert header[:2] == ["workload", "tensors"]
+    assert {"floor_ms", "steady_per_floor", "new_grads_per_floor"} <= set(header)
 
 
 def test_host_overhead_refuses_optimizers_fusedopt_lacks(capsys, monkeypatch):

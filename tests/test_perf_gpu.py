@@ -32,6 +32,9 @@ def test_cuda_rows(impl_name, opt):
     assert row["ms_per_step_events"] > 0 and row["gbps_events"] > 0
     assert row["mem_source"] == "cuda-allocator" and row["peak_mem_mb"] > 0
     assert row["params_finite"] and row["params_changed"]
+    # same params, grads and number of steps as torch.optim's for-loop (the graph impl's first
+    # call takes its warm-up steps too): within 1e-3 of the update
+    assert row["check_ok"] is True, (row["check_max_diff"], row["check_max_update"])
     if impl_name == "fusedopt":
         assert row["note"] == "backend=triton"
 
@@ -62,4 +65,8 @@ def test_cuda_quick_cli_run(tmp_path):
     assert {r["impl"] for r in ours} >= {"fusedopt", "torch-fused", "torch-fused-graph"}
     assert all(r["status"] == "ok" for r in ours), [r["error"] for r in ours]
     assert all(r["baseline_impl"] == "torch-fused" for r in doc["rows"] if r["status"] == "ok")
+    # fp32 and bf16 against torch.optim's for-loop (bf16: within 16 eps of the update)
+    assert all(r["check_ok"] is True for r in ours), [(r["impl"], r["dtype"]) for r in ours
+                                                     if r["check_ok"] is not True]
+    assert doc["meta"]["cache_bytes"] > 0
     assert rc in (0, 1)  # 1 only if an optional library failed; its row says why

@@ -61,7 +61,8 @@ def test_impl_registry_and_support():
     for tp in impls.THIRD_PARTY:
         why = tp.unavailable("cpu")
         assert why is None or isinstance(why, str)
-    assert impls.default_impls("cpu")[:4] == ["fusedopt", "torch", "torch-foreach", "torch-fused"]
+    # on CPU the reference path is what fusedopt can run, so the default names it
+    assert impls.default_impls("cpu")[:2] == ["fusedopt-reference", "torch"]
     assert "torch-fused-graph" in impls.default_impls("cuda")
     with pytest.raises(UnknownNameError, match="valid impls: fusedopt"):
         impls.resolve(["torch-fast"])
@@ -259,7 +260,7 @@ def test_table_shows_rows_flags_and_errors():
 
 def test_progress_bar_plain_stream():
     buf = io.StringIO()
-    bar = Progress(2, stream=buf)
+    bar = Progress([1.0, 1.0], stream=buf)
     bar.start("first")
     bar.advance()
     bar.start("second")
@@ -268,6 +269,22 @@ def test_progress_bar_plain_stream():
     lines = buf.getvalue().splitlines()
     assert lines[0].startswith("[") and "1/2" in lines[0] and lines[0].endswith("first")
     assert "2/2" in lines[1] and lines[-1].startswith("2/2 done in")
+    assert lines[-1].endswith("(planned 0:02)")
     silent = io.StringIO()
-    Progress(3, stream=silent, enabled=False).start("x")
+    Progress([1.0] * 3, stream=silent, enabled=False).start("x")
     assert silent.getvalue() == ""
+
+
+def test_progress_eta_follows_planned_time_not_item_count():
+    """One big job then nine small ones: after the big one, the ETA is the small ones' plan at
+    the pace seen, not 'one item took 60 s, nine are left: 9 minutes'."""
+    now = [0.0]
+    buf = io.StringIO()
+    bar = Progress([60.0] + [1.0] * 9, stream=buf, timer=lambda: now[0])
+    assert bar.eta() == pytest.approx(69.0)  # nothing done yet: the plan
+    bar.start("big")
+    now[0] = 120.0  # the big job took twice its plan
+    bar.advance()
+    assert bar.eta() == pytest.approx(9 * 1.0 * 2)  # the rest, at that pace
+    bar.start("small")
+    assert "2:00<0:18" in buf.getvalue().splitlines()[-1]
