@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from fusedopt.kernels import interpreting
+
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "FUSEDOPT_BACKEND"
 
@@ -16,9 +18,6 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def interpreting() -> bool:
-    """True when triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def check_backend_name(requested: str | None) -> str:

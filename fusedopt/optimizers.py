@@ -2,7 +2,9 @@
 
 Each class subclasses its torch.optim twin, so name, signature, defaults, validation messages,
 ``state`` keys and ``state_dict`` layout are torch's own, and ``isinstance(opt, torch.optim.X)``
-holds; only ``step`` (and the checks around loading state) come from the engine.
+holds; only ``step`` (and the checks around loading state) come from the engine. The names a
+spec gives (hyperparameters, flags, states) are those of its algorithm's declaration in
+:mod:`fusedopt.kernels.algorithms`; the engine checks them.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedopt import reference
 from fusedopt.engine import FusedOptimizer
+from fusedopt.kernels import algorithms
 
 
 def _maximize(group: dict) -> bool:
@@ -31,9 +33,7 @@ class _AdamSpec(FusedOptimizer):
 
     torch_options = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
                      "decoupled_weight_decay")
-    kernel_update = "adam"
-    reference_update = staticmethod(reference.adam)
-    uses_step = True
+    algorithm = algorithms.ADAM
     _decoupled_default = False
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
@@ -61,7 +61,6 @@ class Adam(_AdamSpec, torch.optim.Adam):
     """
 
 
-
 class AdamW(_AdamSpec, torch.optim.AdamW):
     """torch.optim.AdamW (decoupled weight decay), one fused multi-tensor Triton launch per step.
 
@@ -69,7 +68,6 @@ class AdamW(_AdamSpec, torch.optim.AdamW):
     """
 
     _decoupled_default = True
-
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):
@@ -80,8 +78,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     """
 
     torch_options = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
-    kernel_update = "sgd"
-    reference_update = staticmethod(reference.sgd)
+    algorithm = algorithms.SGD
 
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
@@ -107,9 +104,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
 
     torch_options = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps",
                      "maximize")
-    kernel_update = "adagrad"
-    reference_update = staticmethod(reference.adagrad)
-    uses_step = True
+    algorithm = algorithms.ADAGRAD
 
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
@@ -135,9 +130,7 @@ class Adadelta(FusedOptimizer, torch.optim.Adadelta):
     """
 
     torch_options = ("lr", "rho", "eps", "weight_decay", "maximize")
-    kernel_update = "adadelta"
-    reference_update = staticmethod(reference.adadelta)
-    uses_step = True
+    algorithm = algorithms.ADADELTA
 
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
@@ -159,9 +152,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
     """
 
     torch_options = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
-    kernel_update = "rmsprop"
-    reference_update = staticmethod(reference.rmsprop)
-    uses_step = True
+    algorithm = algorithms.RMSPROP
 
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
@@ -174,8 +165,8 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
                 "centered": bool(group["centered"])}
 
     def _state_names(self, flags: dict[str, bool]) -> tuple[str, ...]:
-        return (("square_avg",) + (("momentum_buffer",) if flags["has_momentum"] else ())
-                + (("grad_avg",) if flags["centered"] else ()))
+        return ("square_avg", *(("momentum_buffer",) if flags["has_momentum"] else ()),
+                *(("grad_avg",) if flags["centered"] else ()))
 
 
 class NAdam(FusedOptimizer, torch.optim.NAdam):
@@ -188,14 +179,14 @@ class NAdam(FusedOptimizer, torch.optim.NAdam):
 
     torch_options = ("lr", "betas", "eps", "weight_decay", "momentum_decay",
                      "decoupled_weight_decay", "maximize")
-    kernel_update = "nadam"
-    reference_update = staticmethod(reference.nadam)
-    uses_step = True
-    scalar_state = ("mu_product", 1.0, "nadam_mu_product")
+    algorithm = algorithms.NADAM
 
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
         return {**_adam_hyperparams(group), "momentum_decay": float(group["momentum_decay"])}
+
+    def _scalar_init(self, name: str, group: dict) -> float:
+        return 1.0 if name == "mu_product" else 0.0
 
     def _flags(self, group: dict) -> dict[str, bool]:
         return {"maximize": _maximize(group),
@@ -213,9 +204,7 @@ class RAdam(FusedOptimizer, torch.optim.RAdam):
     """
 
     torch_options = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize")
-    kernel_update = "radam"
-    reference_update = staticmethod(reference.radam)
-    uses_step = True
+    algorithm = algorithms.RADAM
 
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
@@ -237,9 +226,7 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
     """
 
     torch_options = ("lr", "betas", "eps", "weight_decay", "maximize")
-    kernel_update = "adamax"
-    reference_update = staticmethod(reference.adamax)
-    uses_step = True
+    algorithm = algorithms.ADAMAX
 
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
@@ -280,8 +267,7 @@ class Lion(FusedOptimizer):
     AdamW's), ``maximize``, ``backend`` (see :class:`Adam`). State: ``exp_avg``.
     """
 
-    kernel_update = "lion"
-    reference_update = staticmethod(reference.lion)
+    algorithm = algorithms.LION
 
     def __init__(self, params, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False,
@@ -325,10 +311,7 @@ class LAMB(FusedOptimizer):
     State: ``step``, ``exp_avg``, ``exp_avg_sq``.
     """
 
-    kernel_update = "lamb"
-    kernel_terms = "lamb_norms"
-    reference_update = staticmethod(reference.lamb)
-    uses_step = True
+    algorithm = algorithms.LAMB
 
     def __init__(self, params, lr: float | Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,

@@ -5,15 +5,20 @@ triton is not running. Each function updates ``param`` and its state tensors in 
 tensors' own dtype, exactly as the matching ``torch.optim`` class does with
 ``foreach=False, fused=False``.
 
-Every function takes the same engine-supplied keywords besides its hyperparameters:
-``step`` (this update's step number, already incremented, or None when the algorithm keeps no
-step) and ``fresh`` (True on the first update after the state was created).
+Each function's arguments are named by its declaration in :mod:`fusedopt.kernels.algorithms`
+(checked at import, at the bottom of this module): the param, its grad and its states by
+position (``None`` for a state the variant lacks), then by keyword the hyperparameters, the
+scalar states (``step``: this update's step number, already incremented, as a number; any other
+scalar state as its 0-dim tensor, which the function advances in place), ``fresh`` where read
+(True on the first update after the state was created) and the flags.
 """
 
 import math
 
 import torch
 from torch import Tensor
+
+from fusedopt.kernels.algorithms import ALGORITHMS
 
 # ---- pieces the algorithms share -------------------------------------------------------------
 
@@ -49,9 +54,9 @@ def _moments(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, beta1: float,
 
 
 def adam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-         max_exp_avg_sq: Tensor | None = None, *, step: float, fresh: bool,
-         lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-         maximize: bool, amsgrad: bool, decoupled_weight_decay: bool) -> None:
+         max_exp_avg_sq: Tensor | None = None, *, step: float, lr: float, beta1: float,
+         beta2: float, eps: float, weight_decay: float, maximize: bool, amsgrad: bool,
+         decoupled_weight_decay: bool) -> None:
     r"""Adam (Kingma & Ba, 2014) and AdamW (Loshchilov & Hutter, 2019).
 
     .. math::
@@ -79,7 +84,7 @@ def adam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
 
 
 def sgd(param: Tensor, grad: Tensor, momentum_buffer: Tensor | None = None, *,
-        step: float | None, fresh: bool, lr: float, momentum: float, dampening: float,
+        fresh: bool, lr: float, momentum: float, dampening: float,
         weight_decay: float, maximize: bool, has_momentum: bool, nesterov: bool) -> None:
     r"""Stochastic gradient descent with momentum (Sutskever et al., 2013) and Nesterov.
 
@@ -100,9 +105,8 @@ def sgd(param: Tensor, grad: Tensor, momentum_buffer: Tensor | None = None, *,
     param.add_(grad, alpha=-lr)
 
 
-def adagrad(param: Tensor, grad: Tensor, state_sum: Tensor, *, step: float, fresh: bool,
-            lr: float, lr_decay: float, weight_decay: float, eps: float,
-            maximize: bool) -> None:
+def adagrad(param: Tensor, grad: Tensor, sum: Tensor, *, step: float, lr: float,
+            lr_decay: float, weight_decay: float, eps: float, maximize: bool) -> None:
     r"""Adagrad (Duchi et al., 2011).
 
     .. math::
@@ -111,12 +115,12 @@ def adagrad(param: Tensor, grad: Tensor, state_sum: Tensor, *, step: float, fres
     """
     grad = _weight_decay(param, _signed(grad, maximize), lr, weight_decay, False)
     clr = lr / (1 + (step - 1) * lr_decay)
-    state_sum.addcmul_(grad, grad, value=1)
-    param.addcdiv_(grad, state_sum.sqrt().add_(eps), value=-clr)
+    sum.addcmul_(grad, grad, value=1)
+    param.addcdiv_(grad, sum.sqrt().add_(eps), value=-clr)
 
 
 def adadelta(param: Tensor, grad: Tensor, square_avg: Tensor, acc_delta: Tensor, *,
-             step: float, fresh: bool, lr: float, rho: float, eps: float, weight_decay: float,
+             step: float, lr: float, rho: float, eps: float, weight_decay: float,
              maximize: bool) -> None:
     r"""Adadelta (Zeiler, 2012).
 
@@ -133,11 +137,11 @@ def adadelta(param: Tensor, grad: Tensor, square_avg: Tensor, acc_delta: Tensor,
     param.add_(delta, alpha=-lr)
 
 
-def rmsprop(param: Tensor, grad: Tensor, square_avg: Tensor, *buffers: Tensor, step: float,
-            fresh: bool, lr: float, alpha: float, eps: float, weight_decay: float,
+def rmsprop(param: Tensor, grad: Tensor, square_avg: Tensor,
+            momentum_buffer: Tensor | None = None, grad_avg: Tensor | None = None, *,
+            step: float, lr: float, alpha: float, eps: float, weight_decay: float,
             momentum: float, maximize: bool, has_momentum: bool, centered: bool) -> None:
     r"""RMSprop (Hinton, 2012), with momentum and the centered variant (Graves, 2013).
-    ``buffers``: momentum_buffer if momentum, then grad_avg if centered.
 
     .. math::
         v &\leftarrow \alpha v + (1-\alpha) g^2, \quad
@@ -149,14 +153,12 @@ def rmsprop(param: Tensor, grad: Tensor, square_avg: Tensor, *buffers: Tensor, s
     grad = _weight_decay(param, _signed(grad, maximize), lr, weight_decay, False)
     _ema_square(square_avg, grad, alpha)
     if centered:
-        grad_avg = buffers[-1]
         grad_avg.lerp_(grad, 1 - alpha)
         avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
     else:
         avg = square_avg.sqrt()
     avg = avg.add_(eps)
     if has_momentum:
-        momentum_buffer = buffers[0]
         momentum_buffer.mul_(momentum).addcdiv_(grad, avg)
         param.add_(momentum_buffer, alpha=-lr)
     else:
@@ -169,7 +171,7 @@ def nadam_mu(beta1: float, step: float, momentum_decay: float) -> float:
 
 
 def nadam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: float,
-          fresh: bool, mu_product: Tensor, lr: float, beta1: float, beta2: float, eps: float,
+          mu_product: Tensor, lr: float, beta1: float, beta2: float, eps: float,
           weight_decay: float, momentum_decay: float, maximize: bool,
           decoupled_weight_decay: bool) -> None:
     r"""NAdam (Dozat, 2016), with torch's momentum schedule and optional decoupled decay.
@@ -194,7 +196,7 @@ def nadam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, s
 
 
 def radam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: float,
-          fresh: bool, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+          lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
           maximize: bool, decoupled_weight_decay: bool) -> None:
     r"""RAdam (Liu et al., 2020, "On the Variance of the Adaptive Learning Rate and Beyond").
 
@@ -224,7 +226,7 @@ def radam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, s
 
 
 def adamax(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_inf: Tensor, *, step: float,
-           fresh: bool, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+           lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
            maximize: bool) -> None:
     r"""Adamax (Kingma & Ba, 2014, section 7), Adam with the infinity norm.
 
@@ -239,8 +241,8 @@ def adamax(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_inf: Tensor, *, ste
     param.addcdiv_(exp_avg, exp_inf, value=-lr / (1 - beta1**step))
 
 
-def lion(param: Tensor, grad: Tensor, exp_avg: Tensor, *, step: float | None, fresh: bool,
-         lr: float, beta1: float, beta2: float, weight_decay: float, maximize: bool) -> None:
+def lion(param: Tensor, grad: Tensor, exp_avg: Tensor, *, lr: float, beta1: float,
+         beta2: float, weight_decay: float, maximize: bool) -> None:
     r"""Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms", Alg. 2).
 
     .. math::
@@ -248,17 +250,20 @@ def lion(param: Tensor, grad: Tensor, exp_avg: Tensor, *, step: float | None, fr
         \theta \leftarrow \theta - \eta\,(\mathrm{sign}(c) + \lambda\theta), \quad
         m \leftarrow \beta_2 m + (1-\beta_2) g
 
-    The decay is applied as ``theta *= 1 - lr*wd`` first, the same update.
+    The decay is applied as ``theta *= 1 - lr*wd`` first, the same update. The sign of NaN
+    is NaN here (torch.sign gives 0): a NaN grad makes its param NaN, on both backends, rather
+    than leaving it silently unchanged.
     """
     grad = _signed(grad, maximize)
     _weight_decay(param, grad, lr, weight_decay, True)
     interpolated = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1)
-    param.add_(interpolated.sign_(), alpha=-lr)
+    direction = torch.where(interpolated.isnan(), interpolated, interpolated.sign())
+    param.add_(direction, alpha=-lr)
     exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
 
 
 def lamb(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: float,
-         fresh: bool, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+         lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
          maximize: bool, bias_correction: bool) -> None:
     r"""LAMB (You et al., 2019, "Large Batch Optimization for Deep Learning", Alg. 2).
 
@@ -285,3 +290,10 @@ def lamb(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, st
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     """The dtype torch computes in for ``dtype`` storage: float64 stays, the rest use float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- every reference function takes exactly what its declaration names ------------------------
+
+for _name, _algorithm in ALGORITHMS.items():
+    _algorithm.check_reference(globals()[_name])
+del _name, _algorithm

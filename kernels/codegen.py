@@ -8,98 +8,93 @@ CPU, so no device is needed; this does not work under TRITON_INTERPRET=1, which 
 
     python -m fusedopt.kernels.codegen            # JSON summary of every variant, sm_90
     python -m fusedopt.kernels.codegen lamb/bf16  # one variant in one dtype
+
+A variant is a :class:`~fusedopt.kernels.skeleton.Variant`; the constexprs it compiles with
+come from :func:`~fusedopt.kernels.skeleton.constexprs`, the function the launches use.
 """
+
+from __future__ import annotations
 
 import json
 import re
 import sys
 
+import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fusedopt.kernels import skeleton, updates
+from fusedopt.kernels import algorithms as alg
+from fusedopt.kernels import skeleton
 
-_SIGNATURE = {"tensors": "*i64", "num_tensors": "i64", "work": "*i64", "hyper": "*fp64",
-              "hyper_stride": "i64", "done_counts": "*i32"}
-_DTYPES = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32, "fp64": tl.float64}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+          "fp64": torch.float64}
 
-# name: (fusedopt optimizer, constructor options): every optimizer, and each shape of variant
-# (number of states, flags, per-tensor scalars, a sums launch) at least once.
+
+def _variant(algorithm: alg.Algorithm, states: tuple[str, ...], flags: dict[str, bool],
+             amp: bool = False) -> tuple:
+    values = tuple(flags.get(f, False) for f in algorithm.flags)
+    return algorithm, states, values, amp
+
+
+# name: every algorithm, and each shape of variant (number of states, flags, scalars, sums)
+# at least once. "+amp": launched with GradScaler's grad_scale and found_inf and a clip
+# coefficient.
 VARIANTS = {
-    "adamw": ("AdamW", {}),
-    "adam-amsgrad-maximize": ("Adam", {"amsgrad": True, "maximize": True}),
-    "sgd-momentum-nesterov": ("SGD", {"momentum": 0.9, "nesterov": True}),
-    "sgd-plain-maximize": ("SGD", {"maximize": True}),
-    "adagrad": ("Adagrad", {}),
-    "adadelta": ("Adadelta", {}),
-    "rmsprop-momentum-centered": ("RMSprop", {"momentum": 0.9, "centered": True}),
-    "rmsprop-centered": ("RMSprop", {"centered": True}),
-    "nadam-decoupled": ("NAdam", {"decoupled_weight_decay": True}),
-    "radam": ("RAdam", {}),
-    "adamax": ("Adamax", {}),
-    "lion": ("Lion", {}),
-    "lamb": ("LAMB", {}),
-    # "+amp": the same, launched with GradScaler's grad_scale and found_inf and a clip
-    # coefficient
-    "adamw+amp": ("AdamW", {}),
-    "lamb+amp": ("LAMB", {}),
+    "adamw": _variant(alg.ADAM, ("exp_avg", "exp_avg_sq"), {"decoupled_weight_decay": True}),
+    "adam-amsgrad-maximize": _variant(alg.ADAM, alg.ADAM.states,
+                                      {"amsgrad": True, "maximize": True}),
+    "sgd-momentum-nesterov": _variant(alg.SGD, ("momentum_buffer",),
+                                      {"has_momentum": True, "nesterov": True}),
+    "sgd-plain-maximize": _variant(alg.SGD, (), {"maximize": True}),
+    "adagrad": _variant(alg.ADAGRAD, ("sum",), {}),
+    "adadelta": _variant(alg.ADADELTA, alg.ADADELTA.states, {}),
+    "rmsprop-momentum-centered": _variant(alg.RMSPROP, alg.RMSPROP.states,
+                                          {"has_momentum": True, "centered": True}),
+    "rmsprop-centered": _variant(alg.RMSPROP, ("square_avg", "grad_avg"), {"centered": True}),
+    "nadam-decoupled": _variant(alg.NADAM, alg.NADAM.states, {"decoupled_weight_decay": True}),
+    "radam": _variant(alg.RADAM, alg.RADAM.states, {}),
+    "adamax": _variant(alg.ADAMAX, alg.ADAMAX.states, {}),
+    "lion": _variant(alg.LION, alg.LION.states, {}),
+    "lamb": _variant(alg.LAMB, alg.LAMB.states, {"bias_correction": True}),
+    "adamw+amp": _variant(alg.ADAM, ("exp_avg", "exp_avg_sq"),
+                          {"decoupled_weight_decay": True}, amp=True),
+    "lamb+amp": _variant(alg.LAMB, alg.LAMB.states, {"bias_correction": True}, amp=True),
 }
 
 
-def variant(name: str) -> dict:
-    """What the engine would launch for VARIANTS[name]: read off the optimizer's own spec."""
-    import torch
-
-    import fusedopt
-
-    cls_name, options = VARIANTS[name]
-    opt = getattr(fusedopt, cls_name)([torch.zeros(1)], **options, backend="reference")
-    flags = tuple(opt._flags(opt.param_groups[0]).values())
-    return {"update": getattr(updates, opt.kernel_update),
-            "terms": getattr(updates, opt.kernel_terms) if opt.kernel_terms else None,
-            "advance_aux": getattr(updates, opt.scalar_state[2]) if opt.scalar_state else None,
-            "num_states": len(opt._state_names(opt._flags(opt.param_groups[0]))),
-            "uses_step": opt.uses_step,
-            "flags": (flags + (False, False, False))[:3],
-            "amp": name.endswith("+amp")}
+def variant(name: str, dtype: str = "fp32") -> skeleton.Variant:
+    """VARIANTS[name] in ``dtype`` storage."""
+    algorithm, states, flags, amp = VARIANTS[name]
+    return skeleton.Variant(algorithm, states, flags, DTYPES[dtype], unscale=amp,
+                            skip_on_inf=amp, clip=amp)
 
 
-def compile_ptx(name: str, dtype: str, kernel: str = "step", arch: int = 90) -> str:
-    """PTX of VARIANTS[name]'s ``multi_tensor_step`` (kernel="step") or of its
-    ``multi_tensor_sums`` (kernel="sums", optimizers with a terms launch), for sm_<arch>."""
-    spec = variant(name)
-    storage = _DTYPES[dtype]
-    compute = tl.float64 if storage == tl.float64 else tl.float32
-    flags = spec["flags"]
-    constexprs = dict(F0=flags[0], F1=flags[1], F2=flags[2], NUM_STATES=spec["num_states"],
-                      USES_STEP=spec["uses_step"], ADVANCE_AUX=spec["advance_aux"],
-                      UNSCALE=spec["amp"], SKIP_ON_INF=spec["amp"], CLIP=spec["amp"],
-                      SCALE_GRADS=spec["amp"],
-                      STORAGE=storage, COMPUTE=compute, BLOCK=skeleton.BLOCK,
-                      ITERS=skeleton.ITERS)
-    sums_type = "*fp64" if dtype == "fp64" else "*fp32"
+def compile_variant(v: skeleton.Variant, kernel: str = "step", arch: int = 90):
+    """``multi_tensor_step`` (kernel="step") or ``multi_tensor_sums`` (kernel="sums", for an
+    algorithm with sums) of ``v``, compiled for sm_<arch>: triton's compiled kernel, with
+    ``.asm`` (ptx, cubin, ...) and ``.n_regs`` / ``.n_spills`` where triton fills them."""
+    opmath = "*fp64" if v.compute == torch.float64 else "*fp32"
+    signature = {"tensors": "*i64", "num_tensors": "i64", "work": "*i64", "hyper": "*fp64",
+                 "hyper_stride": "i64"}
     if kernel == "sums":
         fn = skeleton.multi_tensor_sums
-        constexprs["TERMS"] = spec["terms"]
-        signature = {k: v for k, v in _SIGNATURE.items() if k != "done_counts"}
-        signature["sums"] = sums_type
-        signature.update(grad_scale="*fp32", found_inf="*fp32", clip_coef=sums_type)
+        signature["sums"] = opmath
     else:
         fn = skeleton.multi_tensor_step
-        has_sums = spec["terms"] is not None
-        constexprs.update(UPDATE=spec["update"], HAS_SUMS=has_sums, ROUND_BF16_BY_HAND=False,
-                          FINISH=spec["uses_step"] or spec["advance_aux"] is not None
-                          or has_sums)
-        signature = dict(_SIGNATURE, sums=sums_type if has_sums else "*i32",
-                         grad_scale="*fp32", found_inf="*fp32", clip_coef=sums_type)
+        signature.update(done_counts="*i32", sums=opmath if v.algorithm.sums else "*i32")
+    signature.update(grad_scale="*fp32", found_inf="*fp32", clip_coef=opmath)
+    constexprs = skeleton.constexprs(v, kernel)
     signature.update({name: "constexpr" for name in constexprs})
     source = ASTSource(fn=fn, signature=signature, constexprs={
         (fn.arg_names.index(name),): value for name, value in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": skeleton.NUM_WARPS})
-    return compiled.asm["ptx"]
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": skeleton.NUM_WARPS})
+
+
+def compile_ptx(name: str, dtype: str, kernel: str = "step", arch: int = 90) -> str:
+    """PTX of VARIANTS[name] in ``dtype``."""
+    return compile_variant(variant(name, dtype), kernel, arch).asm["ptx"]
 
 
 def summarise(ptx: str) -> dict[str, int]:
@@ -125,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
              for a in args for name in (VARIANTS if "/" not in a else (None,))]
     report = {}
     for name, dtype in pairs:
-        kernels = ("step", "sums") if variant(name)["terms"] is not None else ("step",)
+        kernels = ("step", "sums") if VARIANTS[name][0].sums else ("step",)
         for kernel in kernels:
             key = f"{name}/{dtype}" if kernel == "step" else f"{name}/{kernel}/{dtype}"
             report[key] = summarise(compile_ptx(name, dtype, kernel))

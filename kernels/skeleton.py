@@ -3,8 +3,10 @@
 One launch updates every tensor of one (device, dtype, variant) bucket, across all param groups.
 It walks two device-resident tables that the engine builds once and patches on change:
 
-* the **tensor table**, ``int64[len(COLUMNS), num_tensors]`` stored column-major, so that one
-  column (all grad pointers, say) is a contiguous row the host can re-upload in one copy;
+* the **tensor table**, ``int64[len(columns), num_tensors]`` stored column-major, so that one
+  column (all grad pointers, say) is a contiguous row the host can re-upload in one copy. Its
+  columns (:func:`columns`): PARAM, GRAD, NUMEL, GROUP, FRESH, then one per state tensor the
+  variant has, then one per scalar state, in the order the algorithm declares them;
 * the **work list**, ``int64[num_work, 2]``: (tensor index, first element) of each chunk of
   ``CHUNK = BLOCK * ITERS`` elements. One program handles one chunk, so a 2-element bias and a
   40M-element embedding share a launch without either waiting on the other.
@@ -13,48 +15,48 @@ Per-group hyperparameters come from a ``float64[num_groups, hyper_stride]`` tabl
 group's lr never means another launch or a recompile. Sizes and counts are runtime values
 (int64 offsets, no specialisation on them), so no shape triggers a recompile.
 
-The algorithm itself is one ``@triton.jit`` element-wise function passed in as ``UPDATE``
-(see :mod:`fusedopt.kernels.updates` for its signature), all values in the opmath dtype (fp64
-for fp64 storage, fp32 otherwise), with up to three constexpr variant flags (maximize,
-amsgrad, nesterov, ...). Two optional pieces serve the optimizers that need more than an
-element-wise map, still without a per-tensor launch:
+The algorithm is one ``@triton.jit`` element-wise update (:mod:`fusedopt.kernels.updates`)
+whose arguments are named by its :class:`~fusedopt.kernels.algorithms.Algorithm` declaration.
+The kernel reaches it through an **adapter** generated from that declaration
+(:func:`adapter`): the kernel hands the adapter tuples (the block's state values, the group's
+hyperparameters, the tensor's scalars and sums) and the adapter passes each element to the
+update's argument of that name. Every per-program value (hyperparameters, scalars, sums, the
+AMP and clip factors) is loaded once, before the element loop. Math runs in the opmath dtype
+(fp64 for fp64 storage, fp32 otherwise).
 
-* ``ADVANCE_AUX``: a per-tensor scalar state advanced once per step, next to ``step``
-  (NAdam's ``mu_product``);
-* ``TERMS``: two element-wise terms summed per tensor by :func:`multi_tensor_sums` in one
-  launch before the update, which reads the sums (LAMB's norms ``||p||`` and ``||r + wd p||``).
+Per-tensor work done once per step rides on the same launch: the tensor's last program to
+finish (an acq_rel atomic counter) stores its new scalars (``step``, and what the algorithm's
+``advance`` computes), clears its sums and its fresh flag. Sums come from
+:func:`multi_tensor_sums`, one read-only launch before the update (LAMB's norms).
 
-Training integration rides on the same launch, as three optional device scalars read by every
-program (no host synchronisation): ``grad_scale`` (UNSCALE: grads are multiplied by its fp32
-reciprocal, as GradScaler's unscale does), ``found_inf`` (SKIP_ON_INF: a nonzero value makes
-every program return before touching anything, ``step`` included) and ``clip_coef`` (CLIP:
-the global-norm clipping coefficient of ``clip_grad_norm_``, applied after unscaling).
-SCALE_GRADS is set when either factor applies, so the plain step pays for neither.
+Training integration: three optional device scalars read by every program (no host
+synchronisation): ``grad_scale`` (UNSCALE: grads are multiplied by its fp32 reciprocal, as
+GradScaler's unscale does), ``found_inf`` (SKIP_ON_INF: a nonzero value makes every program
+return before touching anything, scalars included) and ``clip_coef`` (CLIP: the coefficient of
+``clip_grad_norm_``, applied after unscaling).
 """
+
+from __future__ import annotations
+
+import functools
+import itertools
+import linecache
 
 import torch
 import triton
 import triton.language as tl
 
-from fusedopt.backend import interpreting as _interpreting
+from fusedopt.kernels.algorithms import Algorithm
+from fusedopt.kernels.variant import Variant
 
-# Rows of the column-major tensor table. STATE0..2 are the optimizer's state tensors in the
-# order its spec names them; STEP points at the per-tensor float32 ``state["step"]``, AUX at
-# the spec's per-tensor float32 scalar state, if any (NAdam's ``mu_product``), FRESH at the
-# param's int64 flag "state created, not yet updated" (the kernel clears it when it runs).
-COLUMNS = ("PARAM", "GRAD", "STATE0", "STATE1", "STATE2", "STEP", "NUMEL", "GROUP", "FRESH",
-           "AUX")
+# Leading columns of the tensor table; the state and scalar columns follow (see columns()).
+FIXED_COLUMNS = ("PARAM", "GRAD", "NUMEL", "GROUP", "FRESH")
 COL_PARAM: tl.constexpr = tl.constexpr(0)
 COL_GRAD: tl.constexpr = tl.constexpr(1)
-COL_STATE0: tl.constexpr = tl.constexpr(2)
-COL_STATE1: tl.constexpr = tl.constexpr(3)
-COL_STATE2: tl.constexpr = tl.constexpr(4)
-COL_STEP: tl.constexpr = tl.constexpr(5)
-COL_NUMEL: tl.constexpr = tl.constexpr(6)
-COL_GROUP: tl.constexpr = tl.constexpr(7)
-COL_FRESH: tl.constexpr = tl.constexpr(8)
-COL_AUX: tl.constexpr = tl.constexpr(9)
-MAX_STATES = 3
+COL_NUMEL: tl.constexpr = tl.constexpr(2)
+COL_GROUP: tl.constexpr = tl.constexpr(3)
+COL_FRESH: tl.constexpr = tl.constexpr(4)
+COL_STATES: tl.constexpr = tl.constexpr(5)
 
 # Measured on the H100 prototype: BLOCK 1024-2048, 4-8 iterations, 4-8 warps all reach
 # 94-99% of copy bandwidth once loads are hinted as 16-byte aligned.
@@ -71,6 +73,12 @@ _TL_DTYPES = {
 }
 
 _launches = 0
+
+
+def columns(num_states: int, num_scalars: int) -> tuple[str, ...]:
+    """The rows of a tensor table with this many state and scalar columns."""
+    return (*FIXED_COLUMNS, *(f"STATE{i}" for i in range(num_states)),
+            *(f"SCALAR{i}" for i in range(num_scalars)))
 
 
 def work_list(numels: list[int], device: torch.device) -> tuple[torch.Tensor, int]:
@@ -93,6 +101,88 @@ def launch_count() -> int:
     return _launches
 
 
+# ---- adapters: the declared names, generated once per (algorithm, kind, present states) ---------
+
+_adapter_ids = itertools.count()
+
+
+@functools.cache
+def adapter(algorithm: Algorithm, kind: str, present: tuple[str, ...]):
+    """A ``@triton.jit`` function that calls ``algorithm``'s jit function of ``kind``
+    ("update", "advance" or "terms", from :mod:`fusedopt.kernels.updates`) with each tuple
+    element the skeleton holds bound to the argument of the same name.
+
+    The skeleton's uniform call is ``adapter(param, grad, states, hyper, scalars, sums, fresh,
+    FLAGS)``, ``states`` holding only the ``present`` states (the variant's; an absent one,
+    such as ``max_exp_avg_sq`` without amsgrad, is given the param's values and its result is
+    dropped). It returns ``(param, states)`` for an update, the new scalars (``step`` first,
+    unchanged) for an advance, and the terms for a terms function. The source is generated
+    from the declaration, so no position is written by hand anywhere.
+    """
+    from fusedopt.kernels import updates
+
+    fn_name = algorithm.name if kind == "update" else f"{algorithm.name}_{kind}"
+    fn = getattr(updates, fn_name)
+    index = {name: i for i, name in enumerate(present)}
+    slot = {"param": "param", "grad": "grad", "fresh": "fresh"}
+    slot.update({s: f"states[{index[s]}]" if s in index else "param" for s in algorithm.states})
+    slot.update({h: f"hyper[{i}]" for i, h in enumerate(algorithm.hyper)})
+    slot.update({s: f"scalars[{i}]" for i, s in enumerate(algorithm.scalars)})
+    slot.update({s: f"sums[{i}]" for i, s in enumerate(algorithm.sums)})
+    slot.update({f: f"FLAGS[{i}]" for i, f in enumerate(algorithm.flag_args)})
+    args = {"update": algorithm.update_args, "advance": algorithm.advance_args,
+            "terms": algorithm.terms_args}[kind]()
+    call = f"FN({', '.join(slot[a] for a in args)})"
+    if kind == "update":
+        outs = [f"outs[{1 + algorithm.states.index(s)}]" for s in present]
+        body = f"    outs = {call}\n    return outs[0], ({''.join(o + ', ' for o in outs)})\n"
+    elif kind == "advance":
+        kept = ["scalars[0]"] if algorithm.uses_step else []
+        if len(algorithm.advanced) == 1:
+            body = f"    new = {call}\n    return ({', '.join([*kept, 'new'])},)\n"
+        else:
+            new = [f"outs[{i}]" for i in range(len(algorithm.advanced))]
+            body = f"    outs = {call}\n    return ({', '.join([*kept, *new])},)\n"
+    else:
+        if len(algorithm.sums) == 1:
+            body = f"    return ({call},)\n"
+        else:
+            body = f"    outs = {call}\n    return ({', '.join(f'outs[{i}]' for i in range(len(algorithm.sums)))},)\n"  # noqa: E501
+    name = f"_{kind}_{algorithm.name}_{next(_adapter_ids)}"
+    source = (f"def {name}(param, grad, states, hyper, scalars, sums, fresh, "
+              f"FLAGS: tl.constexpr):\n{body}")
+    # triton reads a jit function's source through linecache, as inspect does
+    filename = f"<fusedopt adapter {name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {"tl": tl, "FN": fn}
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - generated above
+    return triton.jit(namespace[name])
+
+
+# ---- what one launch is compiled with -----------------------------------------------------------
+
+
+def constexprs(variant: Variant, kernel: str = "step", interpreting: bool = False) -> dict:
+    """The constexpr arguments of ``multi_tensor_step`` (kernel="step") or
+    ``multi_tensor_sums`` (kernel="sums") for ``variant``."""
+    alg = variant.algorithm
+    common = dict(
+        FLAGS=tuple(bool(f) for f in variant.flags), NUM_STATES=len(variant.states),
+        NUM_HYPER=len(alg.hyper), NUM_SCALARS=len(alg.scalars), USES_STEP=alg.uses_step,
+        ADVANCE=adapter(alg, "advance", variant.states) if alg.advanced else None,
+        NUM_SUMS=len(alg.sums), UNSCALE=variant.unscale, SKIP_ON_INF=variant.skip_on_inf,
+        CLIP=variant.clip, SCALE_GRADS=variant.unscale or variant.clip,
+        STORAGE=_TL_DTYPES[variant.dtype], COMPUTE=_TL_DTYPES[variant.compute],
+        BLOCK=BLOCK, ITERS=ITERS)
+    if kernel == "sums":
+        return dict(common, TERMS=adapter(alg, "terms", variant.states))
+    return dict(common, UPDATE=adapter(alg, "update", variant.states),
+                FINISH=variant.finishes, ROUND_BF16_BY_HAND=interpreting)
+
+
+# ---- the kernels --------------------------------------------------------------------------------
+
+
 @triton.jit
 def _to_storage(x, STORAGE: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr):
     """Round an opmath value to the storage dtype, to nearest even (as torch does).
@@ -108,57 +198,43 @@ def _to_storage(x, STORAGE: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr):
 
 
 @triton.jit
-def _load_block(param, grad, s0, s1, s2, offs, mask, scaling, NUM_STATES: tl.constexpr,
+def _load_block(param, grad, states, offs, mask, scaling, NUM_STATES: tl.constexpr,
                 COMPUTE: tl.constexpr, SCALE_GRADS: tl.constexpr):
     """One block of param, grad (times ``scaling``, AMP's 1/scale and the clip coefficient,
-    when SCALE_GRADS) and the states, in the opmath dtype. Absent states are placeholders
-    (copies of the param): never loaded, never stored."""
+    when SCALE_GRADS) and the present states, in the opmath dtype."""
     p = tl.load(param + offs, mask=mask).to(COMPUTE)
     g = tl.load(grad + offs, mask=mask).to(COMPUTE)
     if SCALE_GRADS:
         g = g * scaling.to(COMPUTE)
-    a = p
-    b = p
-    c = p
-    if NUM_STATES > 0:
-        a = tl.load(s0 + offs, mask=mask).to(COMPUTE)
-    if NUM_STATES > 1:
-        b = tl.load(s1 + offs, mask=mask).to(COMPUTE)
-    if NUM_STATES > 2:
-        c = tl.load(s2 + offs, mask=mask).to(COMPUTE)
-    return p, g, a, b, c
+    values = ()
+    for i in tl.static_range(NUM_STATES):
+        values = values + (tl.load(states[i] + offs, mask=mask).to(COMPUTE),)
+    return p, g, values
 
 
 @triton.jit
-def _update_block(param, grad, s0, s1, s2, offs, mask, step, aux, fresh, sum0, sum1, hyper,
-                  scaling, UPDATE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr,
-                  F2: tl.constexpr, NUM_STATES: tl.constexpr, STORAGE: tl.constexpr,
-                  COMPUTE: tl.constexpr, SCALE_GRADS: tl.constexpr,
+def _update_block(param, grad, states, offs, mask, hyper, scalars, sums, fresh, scaling,
+                  UPDATE: tl.constexpr, FLAGS: tl.constexpr, NUM_STATES: tl.constexpr,
+                  STORAGE: tl.constexpr, COMPUTE: tl.constexpr, SCALE_GRADS: tl.constexpr,
                   ROUND_BF16_BY_HAND: tl.constexpr):
-    """Load one block, apply UPDATE in the opmath dtype, store in the storage dtype."""
-    p, g, a, b, c = _load_block(param, grad, s0, s1, s2, offs, mask, scaling, NUM_STATES,
-                                COMPUTE, SCALE_GRADS)
-    p, a, b, c = UPDATE(p, g, a, b, c, step, aux, fresh, sum0, sum1, hyper, F0, F1, F2)
+    """Load one block, apply the update in the opmath dtype, store in the storage dtype."""
+    p, g, values = _load_block(param, grad, states, offs, mask, scaling, NUM_STATES, COMPUTE,
+                               SCALE_GRADS)
+    p, values = UPDATE(p, g, values, hyper, scalars, sums, fresh, FLAGS)
     tl.store(param + offs, _to_storage(p, STORAGE, ROUND_BF16_BY_HAND), mask=mask)
-    if NUM_STATES > 0:
-        tl.store(s0 + offs, _to_storage(a, STORAGE, ROUND_BF16_BY_HAND), mask=mask)
-    if NUM_STATES > 1:
-        tl.store(s1 + offs, _to_storage(b, STORAGE, ROUND_BF16_BY_HAND), mask=mask)
-    if NUM_STATES > 2:
-        tl.store(s2 + offs, _to_storage(c, STORAGE, ROUND_BF16_BY_HAND), mask=mask)
+    for i in tl.static_range(NUM_STATES):
+        tl.store(states[i] + offs, _to_storage(values[i], STORAGE, ROUND_BF16_BY_HAND),
+                 mask=mask)
 
 
 @triton.jit
-def _chunk(tensors, num_tensors, work):
-    """This program's chunk: its tensor's row of the table, read once.
-
-    Returns (tensor index, first element, numel, aligned, the param/grad/s0/s1/s2 addresses,
-    fresh pointer, fresh, group, step pointer, aux pointer); ``aligned``: every address is
-    16-byte aligned.
-    The kernels cast the addresses to pointers themselves: a pointer made in here and hinted
+def _chunk(tensors, num_tensors, work, NUM_STATES: tl.constexpr, NUM_SCALARS: tl.constexpr):
+    """This program's chunk and its tensor's row of the table, read once: (tensor index,
+    first element, numel, aligned, param address, grad address, state addresses, group,
+    fresh pointer, scalar pointers); ``aligned``: every address is 16-byte aligned. The
+    kernels cast the addresses to pointers themselves: a pointer made in here and hinted
     ``multiple_of`` on the aligned path carried the hint onto the masked path too (triton
-    3.9, seen in the PTX: predicated 16-byte loads there), which would misread unaligned
-    storage. tests/test_codegen.py counts the vector loads to keep it that way."""
+    3.9, seen in the PTX), which would misread unaligned storage (tests/test_codegen.py)."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(work + 2 * pid)
     start = tl.load(work + 2 * pid + 1)
@@ -166,24 +242,27 @@ def _chunk(tensors, num_tensors, work):
     numel = tl.load(row + COL_NUMEL * num_tensors)
     param_addr = tl.load(row + COL_PARAM * num_tensors)
     grad_addr = tl.load(row + COL_GRAD * num_tensors)
-    s0_addr = tl.load(row + COL_STATE0 * num_tensors)  # 0 for states the spec lacks
-    s1_addr = tl.load(row + COL_STATE1 * num_tensors)
-    s2_addr = tl.load(row + COL_STATE2 * num_tensors)
-    aligned = ((param_addr | grad_addr | s0_addr | s1_addr | s2_addr) & 15) == 0
-    fresh_ptr = tl.load(row + COL_FRESH * num_tensors).to(tl.pointer_type(tl.int64))
-    fresh = tl.load(fresh_ptr)
+    bits = param_addr | grad_addr
+    state_addrs = ()
+    for i in tl.static_range(NUM_STATES):
+        addr = tl.load(row + (COL_STATES + i) * num_tensors)
+        bits = bits | addr
+        state_addrs = state_addrs + (addr,)
+    scalar_ptrs = ()
+    for i in tl.static_range(NUM_SCALARS):
+        addr = tl.load(row + (COL_STATES + NUM_STATES + i) * num_tensors)
+        scalar_ptrs = scalar_ptrs + (addr.to(tl.pointer_type(tl.float32)),)
     group = tl.load(row + COL_GROUP * num_tensors)
-    step_ptr = tl.load(row + COL_STEP * num_tensors).to(tl.pointer_type(tl.float32))
-    aux_ptr = tl.load(row + COL_AUX * num_tensors).to(tl.pointer_type(tl.float32))
-    return (t, start, numel, aligned, param_addr, grad_addr, s0_addr, s1_addr, s2_addr,
-            fresh_ptr, fresh, group, step_ptr, aux_ptr)
+    fresh_ptr = tl.load(row + COL_FRESH * num_tensors).to(tl.pointer_type(tl.int64))
+    return (t, start, numel, (bits & 15) == 0, param_addr, grad_addr, state_addrs, group,
+            fresh_ptr, scalar_ptrs)
 
 
 @triton.jit
 def _amp(grad_scale, found_inf, clip_coef, UNSCALE: tl.constexpr, SKIP_ON_INF: tl.constexpr,
          CLIP: tl.constexpr):
     """AMP's and clipping's inputs: (run, grad multiplier). ``run`` is false when found_inf is
-    set: the whole update is skipped on the device, step counts included. The multiplier is
+    set: the whole update is skipped on the device, scalars included. The multiplier is
     GradScaler's 1/scale (taken in float64 and rounded to float32, as GradScaler computes its
     inv_scale) times the clip coefficient of ``clip_grad_norm_``."""
     if SKIP_ON_INF:
@@ -199,27 +278,39 @@ def _amp(grad_scale, found_inf, clip_coef, UNSCALE: tl.constexpr, SKIP_ON_INF: t
 
 
 @triton.jit
-def _scalars(step_ptr, aux_ptr, hyper_row, USES_STEP: tl.constexpr, ADVANCE_AUX: tl.constexpr):
-    """This step's per-tensor scalars: ``step`` (old count + 1) and the spec's auxiliary
-    scalar state (NAdam's mu_product) advanced by ADVANCE_AUX. Every program of a tensor
-    computes the same values from the old ones; only the tensor's last program stores them."""
-    if USES_STEP:
-        step = tl.load(step_ptr) + 1.0
+def _per_tensor(hyper_row, scalar_ptrs, sums, t, fresh, FLAGS: tl.constexpr,
+                NUM_HYPER: tl.constexpr, NUM_SCALARS: tl.constexpr, USES_STEP: tl.constexpr,
+                ADVANCE: tl.constexpr, NUM_SUMS: tl.constexpr):
+    """The values every program of a tensor shares, loaded once, before the element loop:
+    its group's hyperparameters (float64), its scalars as the update reads them (``step``
+    incremented, the others as stored), their new values (``advanced``: what the tensor's
+    last program stores), and its sums."""
+    hyper = ()
+    for i in tl.static_range(NUM_HYPER):
+        hyper = hyper + (tl.load(hyper_row + i),)
+    scalars = ()
+    for i in tl.static_range(NUM_SCALARS):
+        value = tl.load(scalar_ptrs[i])
+        if USES_STEP and i == 0:
+            value = value + 1.0
+        scalars = scalars + (value,)
+    sum_values = ()
+    for i in tl.static_range(NUM_SUMS):
+        sum_values = sum_values + (tl.load(sums + NUM_SUMS * t + i),)
+    if ADVANCE is not None:
+        # (an advance reads no element values: the first three are placeholders)
+        advanced = ADVANCE(fresh, fresh, (), hyper, scalars, sum_values, fresh, FLAGS)
     else:
-        step = 0.0
-    if ADVANCE_AUX is not None:
-        aux = ADVANCE_AUX(tl.load(aux_ptr), step, hyper_row)
-    else:
-        aux = 0.0
-    return step, aux
+        advanced = scalars
+    return hyper, scalars, advanced, sum_values
 
 
 @triton.jit(do_not_specialize=["num_tensors", "hyper_stride"])
 def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_counts, sums,
-                      grad_scale, found_inf, clip_coef,
-                      UPDATE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
-                      NUM_STATES: tl.constexpr, USES_STEP: tl.constexpr,
-                      ADVANCE_AUX: tl.constexpr, HAS_SUMS: tl.constexpr, FINISH: tl.constexpr,
+                      grad_scale, found_inf, clip_coef, UPDATE: tl.constexpr,
+                      FLAGS: tl.constexpr, NUM_STATES: tl.constexpr, NUM_HYPER: tl.constexpr,
+                      NUM_SCALARS: tl.constexpr, USES_STEP: tl.constexpr,
+                      ADVANCE: tl.constexpr, NUM_SUMS: tl.constexpr, FINISH: tl.constexpr,
                       UNSCALE: tl.constexpr, SKIP_ON_INF: tl.constexpr, CLIP: tl.constexpr,
                       SCALE_GRADS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
                       BLOCK: tl.constexpr, ITERS: tl.constexpr,
@@ -228,33 +319,29 @@ def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_coun
     run, scaling = _amp(grad_scale, found_inf, clip_coef, UNSCALE, SKIP_ON_INF, CLIP)
     if run:
         _step_chunk(tensors, num_tensors, work, hyper, hyper_stride, done_counts, sums,
-                    scaling, UPDATE, F0, F1, F2, NUM_STATES, USES_STEP, ADVANCE_AUX,
-                    HAS_SUMS, FINISH, SCALE_GRADS, STORAGE, COMPUTE, BLOCK, ITERS,
+                    scaling, UPDATE, FLAGS, NUM_STATES, NUM_HYPER, NUM_SCALARS, USES_STEP,
+                    ADVANCE, NUM_SUMS, FINISH, SCALE_GRADS, STORAGE, COMPUTE, BLOCK, ITERS,
                     ROUND_BF16_BY_HAND)
 
 
 @triton.jit
 def _step_chunk(tensors, num_tensors, work, hyper, hyper_stride, done_counts, sums, scaling,
-                UPDATE: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
-                NUM_STATES: tl.constexpr, USES_STEP: tl.constexpr, ADVANCE_AUX: tl.constexpr,
-                HAS_SUMS: tl.constexpr, FINISH: tl.constexpr, SCALE_GRADS: tl.constexpr,
-                STORAGE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
-                ITERS: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr):
-    (t, start, numel, aligned, param, grad, s0, s1, s2, fresh_ptr, fresh, group, step_ptr,
-     aux_ptr) = _chunk(tensors, num_tensors, work)
-    param = param.to(tl.pointer_type(STORAGE))
-    grad = grad.to(tl.pointer_type(STORAGE))
-    s0 = s0.to(tl.pointer_type(STORAGE))
-    s1 = s1.to(tl.pointer_type(STORAGE))
-    s2 = s2.to(tl.pointer_type(STORAGE))
-    hyper_row = hyper + group * hyper_stride
-    step, aux = _scalars(step_ptr, aux_ptr, hyper_row, USES_STEP, ADVANCE_AUX)
-    if HAS_SUMS:  # this tensor's two sums from the reduction launch before this one
-        sum0 = tl.load(sums + 2 * t)
-        sum1 = tl.load(sums + 2 * t + 1)
-    else:
-        sum0 = 0.0
-        sum1 = 0.0
+                UPDATE: tl.constexpr, FLAGS: tl.constexpr, NUM_STATES: tl.constexpr,
+                NUM_HYPER: tl.constexpr, NUM_SCALARS: tl.constexpr, USES_STEP: tl.constexpr,
+                ADVANCE: tl.constexpr, NUM_SUMS: tl.constexpr, FINISH: tl.constexpr,
+                SCALE_GRADS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
+                BLOCK: tl.constexpr, ITERS: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr):
+    (t, start, numel, aligned, param_addr, grad_addr, state_addrs, group, fresh_ptr,
+     scalar_ptrs) = _chunk(tensors, num_tensors, work, NUM_STATES, NUM_SCALARS)
+    param = param_addr.to(tl.pointer_type(STORAGE))
+    grad = grad_addr.to(tl.pointer_type(STORAGE))
+    states = ()
+    for i in tl.static_range(NUM_STATES):
+        states = states + (state_addrs[i].to(tl.pointer_type(STORAGE)),)
+    fresh = tl.load(fresh_ptr)
+    hyper_values, scalars, advanced, sum_values = _per_tensor(
+        hyper + group * hyper_stride, scalar_ptrs, sums, t, fresh, FLAGS, NUM_HYPER,
+        NUM_SCALARS, USES_STEP, ADVANCE, NUM_SUMS)
 
     lanes = tl.arange(0, BLOCK)
     if (start + BLOCK * ITERS <= numel) & aligned:
@@ -262,22 +349,22 @@ def _step_chunk(tensors, num_tensors, work, hyper, hyper_stride, done_counts, su
         # loads and stores are 16-byte vectors. It was just checked on the addresses.
         param = tl.multiple_of(param, 16)
         grad = tl.multiple_of(grad, 16)
-        s0 = tl.multiple_of(s0, 16)
-        s1 = tl.multiple_of(s1, 16)
-        s2 = tl.multiple_of(s2, 16)
+        hinted = ()
+        for i in tl.static_range(NUM_STATES):
+            hinted = hinted + (tl.multiple_of(states[i], 16),)
         for i in tl.static_range(ITERS):
             base = tl.multiple_of(start + i * BLOCK, BLOCK)
             offs = tl.max_contiguous(tl.multiple_of(base + lanes, BLOCK), BLOCK)
-            _update_block(param, grad, s0, s1, s2, offs, None, step, aux, fresh, sum0, sum1,
-                          hyper_row, scaling, UPDATE, F0, F1, F2, NUM_STATES, STORAGE,
-                          COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND)
+            _update_block(param, grad, hinted, offs, None, hyper_values, scalars, sum_values,
+                          fresh, scaling, UPDATE, FLAGS, NUM_STATES, STORAGE, COMPUTE,
+                          SCALE_GRADS, ROUND_BF16_BY_HAND)
     else:
         # A tensor's tail, or storage that is not 16-byte aligned (an odd view): masked,
         # unhinted loads that are correct for any address.
         for i in tl.static_range(ITERS):
             offs = start + i * BLOCK + lanes
-            _update_block(param, grad, s0, s1, s2, offs, offs < numel, step, aux, fresh, sum0,
-                          sum1, hyper_row, scaling, UPDATE, F0, F1, F2, NUM_STATES, STORAGE,
+            _update_block(param, grad, states, offs, offs < numel, hyper_values, scalars,
+                          sum_values, fresh, scaling, UPDATE, FLAGS, NUM_STATES, STORAGE,
                           COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND)
 
     if FINISH or fresh != 0:
@@ -289,128 +376,125 @@ def _step_chunk(tensors, num_tensors, work, hyper, hyper_stride, done_counts, su
         # release below can let the tensor's last program overwrite them
         tl.debug_barrier()
         if tl.atomic_add(done_counts + t, 1) == chunks - 1:
-            if USES_STEP:
-                tl.store(step_ptr, step)
-            if ADVANCE_AUX is not None:
-                tl.store(aux_ptr, aux)
-            if HAS_SUMS:
-                tl.store(sums + 2 * t, 0.0)
-                tl.store(sums + 2 * t + 1, 0.0)
+            for i in tl.static_range(NUM_SCALARS):
+                tl.store(scalar_ptrs[i], advanced[i])
+            for i in tl.static_range(NUM_SUMS):
+                tl.store(sums + NUM_SUMS * t + i, 0.0)
             if fresh != 0:
                 tl.store(fresh_ptr, 0)
             tl.store(done_counts + t, 0)
 
 
 @triton.jit
-def _terms_block(param, grad, s0, s1, s2, offs, mask, step, aux, fresh, hyper, scaling,
-                 TERMS: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
-                 NUM_STATES: tl.constexpr, COMPUTE: tl.constexpr, SCALE_GRADS: tl.constexpr):
+def _terms_block(param, grad, states, offs, mask, hyper, scalars, fresh, scaling,
+                 TERMS: tl.constexpr, FLAGS: tl.constexpr, NUM_STATES: tl.constexpr,
+                 NUM_SUMS: tl.constexpr, COMPUTE: tl.constexpr, SCALE_GRADS: tl.constexpr):
     """TERMS of one block, with lanes past the end counted as 0."""
-    p, g, a, b, c = _load_block(param, grad, s0, s1, s2, offs, mask, scaling, NUM_STATES,
-                                COMPUTE, SCALE_GRADS)
-    x, y = TERMS(p, g, a, b, c, step, aux, fresh, hyper, F0, F1, F2)
+    p, g, values = _load_block(param, grad, states, offs, mask, scaling, NUM_STATES, COMPUTE,
+                               SCALE_GRADS)
+    terms = TERMS(p, g, values, hyper, scalars, (), fresh, FLAGS)
     if mask is not None:
-        x = tl.where(mask, x, 0.0)
-        y = tl.where(mask, y, 0.0)
-    return x, y
+        masked = ()
+        for i in tl.static_range(NUM_SUMS):
+            masked = masked + (tl.where(mask, terms[i], 0.0),)
+        terms = masked
+    return terms
 
 
 @triton.jit(do_not_specialize=["num_tensors", "hyper_stride"])
 def multi_tensor_sums(tensors, num_tensors, work, hyper, hyper_stride, sums, grad_scale,
-                      found_inf, clip_coef, TERMS: tl.constexpr, F0: tl.constexpr,
-                      F1: tl.constexpr, F2: tl.constexpr, NUM_STATES: tl.constexpr,
-                      USES_STEP: tl.constexpr, ADVANCE_AUX: tl.constexpr,
-                      UNSCALE: tl.constexpr, SKIP_ON_INF: tl.constexpr, CLIP: tl.constexpr,
+                      found_inf, clip_coef, TERMS: tl.constexpr, FLAGS: tl.constexpr,
+                      NUM_STATES: tl.constexpr, NUM_HYPER: tl.constexpr,
+                      NUM_SCALARS: tl.constexpr, USES_STEP: tl.constexpr,
+                      ADVANCE: tl.constexpr, NUM_SUMS: tl.constexpr, UNSCALE: tl.constexpr,
+                      SKIP_ON_INF: tl.constexpr, CLIP: tl.constexpr,
                       SCALE_GRADS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
                       BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    """Per-tensor sums of two element-wise TERMS over the same tables: one read-only launch
-    whose results (``sums[t, 0..1]``) the update launch reads (LAMB's trust-ratio norms).
+    """Per-tensor sums of the algorithm's terms over the same tables: one read-only launch
+    whose results (``sums[t, :]``) the update launch reads (LAMB's trust-ratio norms).
     Skipped, like the update, where AMP found an inf (the sums then stay zero)."""
     run, scaling = _amp(grad_scale, found_inf, clip_coef, UNSCALE, SKIP_ON_INF, CLIP)
     if run:
         _sums_chunk(tensors, num_tensors, work, hyper, hyper_stride, sums, scaling, TERMS,
-                    F0, F1, F2, NUM_STATES, USES_STEP, ADVANCE_AUX, SCALE_GRADS, STORAGE,
-                    COMPUTE, BLOCK, ITERS)
+                    FLAGS, NUM_STATES, NUM_HYPER, NUM_SCALARS, USES_STEP, ADVANCE, NUM_SUMS,
+                    SCALE_GRADS, STORAGE, COMPUTE, BLOCK, ITERS)
 
 
 @triton.jit
 def _sums_chunk(tensors, num_tensors, work, hyper, hyper_stride, sums, scaling,
-                TERMS: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
-                NUM_STATES: tl.constexpr, USES_STEP: tl.constexpr, ADVANCE_AUX: tl.constexpr,
-                SCALE_GRADS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
-                BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    (t, start, numel, aligned, param, grad, s0, s1, s2, fresh_ptr, fresh, group, step_ptr,
-     aux_ptr) = _chunk(tensors, num_tensors, work)
-    param = param.to(tl.pointer_type(STORAGE))
-    grad = grad.to(tl.pointer_type(STORAGE))
-    s0 = s0.to(tl.pointer_type(STORAGE))
-    s1 = s1.to(tl.pointer_type(STORAGE))
-    s2 = s2.to(tl.pointer_type(STORAGE))
-    hyper_row = hyper + group * hyper_stride
-    step, aux = _scalars(step_ptr, aux_ptr, hyper_row, USES_STEP, ADVANCE_AUX)
+                TERMS: tl.constexpr, FLAGS: tl.constexpr, NUM_STATES: tl.constexpr,
+                NUM_HYPER: tl.constexpr, NUM_SCALARS: tl.constexpr, USES_STEP: tl.constexpr,
+                ADVANCE: tl.constexpr, NUM_SUMS: tl.constexpr, SCALE_GRADS: tl.constexpr,
+                STORAGE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+                ITERS: tl.constexpr):
+    (t, start, numel, aligned, param_addr, grad_addr, state_addrs, group, fresh_ptr,
+     scalar_ptrs) = _chunk(tensors, num_tensors, work, NUM_STATES, NUM_SCALARS)
+    param = param_addr.to(tl.pointer_type(STORAGE))
+    grad = grad_addr.to(tl.pointer_type(STORAGE))
+    states = ()
+    for i in tl.static_range(NUM_STATES):
+        states = states + (state_addrs[i].to(tl.pointer_type(STORAGE)),)
+    fresh = tl.load(fresh_ptr)
+    hyper_values, scalars, advanced, sum_values = _per_tensor(
+        hyper + group * hyper_stride, scalar_ptrs, sums, t, fresh, FLAGS, NUM_HYPER,
+        NUM_SCALARS, USES_STEP, None, 0)
     lanes = tl.arange(0, BLOCK)
-    acc0 = tl.zeros([BLOCK], dtype=COMPUTE)
-    acc1 = tl.zeros([BLOCK], dtype=COMPUTE)
+    acc = ()
+    for _ in tl.static_range(NUM_SUMS):
+        acc = acc + (tl.zeros([BLOCK], dtype=COMPUTE),)
     if (start + BLOCK * ITERS <= numel) & aligned:
         param = tl.multiple_of(param, 16)
         grad = tl.multiple_of(grad, 16)
-        s0 = tl.multiple_of(s0, 16)
-        s1 = tl.multiple_of(s1, 16)
-        s2 = tl.multiple_of(s2, 16)
-        for i in tl.static_range(ITERS):
-            base = tl.multiple_of(start + i * BLOCK, BLOCK)
+        hinted = ()
+        for i in tl.static_range(NUM_STATES):
+            hinted = hinted + (tl.multiple_of(states[i], 16),)
+        for it in tl.static_range(ITERS):
+            base = tl.multiple_of(start + it * BLOCK, BLOCK)
             offs = tl.max_contiguous(tl.multiple_of(base + lanes, BLOCK), BLOCK)
-            x, y = _terms_block(param, grad, s0, s1, s2, offs, None, step, aux, fresh,
-                                hyper_row, scaling, TERMS, F0, F1, F2, NUM_STATES, COMPUTE,
-                                SCALE_GRADS)
-            acc0 += x
-            acc1 += y
+            terms = _terms_block(param, grad, hinted, offs, None, hyper_values, scalars,
+                                 fresh, scaling, TERMS, FLAGS, NUM_STATES, NUM_SUMS, COMPUTE,
+                                 SCALE_GRADS)
+            summed = ()
+            for i in tl.static_range(NUM_SUMS):
+                summed = summed + (acc[i] + terms[i],)
+            acc = summed
     else:
-        for i in tl.static_range(ITERS):
-            offs = start + i * BLOCK + lanes
-            x, y = _terms_block(param, grad, s0, s1, s2, offs, offs < numel, step, aux, fresh,
-                                hyper_row, scaling, TERMS, F0, F1, F2, NUM_STATES, COMPUTE,
-                                SCALE_GRADS)
-            acc0 += x
-            acc1 += y
-    tl.atomic_add(sums + 2 * t, tl.sum(acc0, axis=0))
-    tl.atomic_add(sums + 2 * t + 1, tl.sum(acc1, axis=0))
+        for it in tl.static_range(ITERS):
+            offs = start + it * BLOCK + lanes
+            terms = _terms_block(param, grad, states, offs, offs < numel, hyper_values,
+                                 scalars, fresh, scaling, TERMS, FLAGS, NUM_STATES, NUM_SUMS,
+                                 COMPUTE, SCALE_GRADS)
+            summed = ()
+            for i in tl.static_range(NUM_SUMS):
+                summed = summed + (acc[i] + terms[i],)
+            acc = summed
+    for i in tl.static_range(NUM_SUMS):
+        tl.atomic_add(sums + NUM_SUMS * t + i, tl.sum(acc[i], axis=0))
 
 
-def launch(update, flags, *, num_states: int, uses_step: bool, dtype: torch.dtype,
-           tensors: torch.Tensor, num_tensors: int, work: torch.Tensor, num_work: int,
-           hyper: torch.Tensor, done_counts: torch.Tensor, advance_aux=None, terms=None,
+def launch(variant: Variant, *, tensors: torch.Tensor, num_tensors: int, work: torch.Tensor,
+           num_work: int, hyper: torch.Tensor, done_counts: torch.Tensor,
            sums: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
-           found_inf: torch.Tensor | None = None,
-           clip_coef: torch.Tensor | None = None) -> None:
+           found_inf: torch.Tensor | None = None, clip_coef: torch.Tensor | None = None,
+           interpreting: bool = False) -> None:
     """Launch one multi-tensor step over a bucket's tables (see the module docstring).
 
-    With ``terms``, first one :func:`multi_tensor_sums` launch fills ``sums`` (float
-    ``[num_tensors, 2]`` in the opmath dtype, zero on entry; the step launch zeroes it again).
-    ``grad_scale`` / ``found_inf``: AMP's float32 scalars on this device (GradScaler's): the
-    grads are multiplied by the scale's float32 reciprocal, and nothing at all changes where
-    found_inf is nonzero.
-    ``clip_coef``: a float32 scalar on this device the grads are multiplied by (clipping).
+    With sums (an algorithm that declares them), first one :func:`multi_tensor_sums` launch
+    fills ``sums`` (``[num_tensors, len(algorithm.sums)]`` in the opmath dtype, zero on entry;
+    the step launch zeroes it again). ``grad_scale`` / ``found_inf``: AMP's float32 scalars on
+    this device, and ``clip_coef`` a float32 scalar the grads are multiplied by; present
+    exactly when ``variant`` says so.
     """
     global _launches
-    f0, f1, f2 = (tuple(bool(f) for f in flags) + (False, False, False))[:3]
-    common = dict(F0=f0, F1=f1, F2=f2, NUM_STATES=num_states, USES_STEP=uses_step,
-                  ADVANCE_AUX=advance_aux, UNSCALE=grad_scale is not None,
-                  SKIP_ON_INF=found_inf is not None, CLIP=clip_coef is not None,
-                  SCALE_GRADS=grad_scale is not None or clip_coef is not None,
-                  STORAGE=_TL_DTYPES[dtype],
-                  COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
-                  BLOCK=BLOCK, ITERS=ITERS, num_warps=NUM_WARPS)
     # unused pointer arguments get any tensor of the right kind: they are never read
     amp = tuple(t if t is not None else hyper for t in (grad_scale, found_inf, clip_coef))
-    if terms is not None:
+    if variant.algorithm.sums:
         multi_tensor_sums[(num_work,)](tensors, num_tensors, work, hyper, hyper.shape[1], sums,
-                                       *amp, TERMS=terms, **common)
+                                       *amp, **constexprs(variant, "sums"),
+                                       num_warps=NUM_WARPS)
         _launches += 1
     multi_tensor_step[(num_work,)](
         tensors, num_tensors, work, hyper, hyper.shape[1], done_counts,
-        sums if sums is not None else done_counts, *amp, UPDATE=update,
-        HAS_SUMS=terms is not None,
-        FINISH=uses_step or advance_aux is not None or terms is not None,
-        ROUND_BF16_BY_HAND=_interpreting(), **common)
+        sums if sums is not None else done_counts, *amp,
+        **constexprs(variant, "step", interpreting), num_warps=NUM_WARPS)
     _launches += 1

@@ -1,19 +1,18 @@
 """One ``@triton.jit`` element-wise update per algorithm, and the pieces they share.
 
-Each update has the signature the skeleton calls:
-``update(param, grad, s0, s1, s2, step, aux, fresh, sum0, sum1, hyper, F0, F1, F2)
--> (param, s0, s1, s2)``
+Each update's arguments are named by its declaration in :mod:`fusedopt.kernels.algorithms`
+(checked at import, at the bottom of this module):
+``<name>(param, grad, *states, *hyper, *scalars, *sums, [fresh], *FLAGS) -> (param, *states)``
 
-* ``param, grad, s*``: one block of values in the opmath dtype; states a spec does not use are
-  placeholders, passed through untouched and never stored.
-* ``step``: this update's step number (already incremented), float32 scalar; 0 if unused.
-* ``aux``: the spec's per-tensor scalar state after this step's advance (NAdam's
-  ``mu_product``); 0 if unused.
-* ``fresh``: nonzero on the first update after the state was created.
-* ``sum0, sum1``: this tensor's sums from the spec's ``terms`` launch (LAMB); 0 if unused.
-* ``hyper``: pointer to this tensor's group row of the float64 hyperparameter table, in the
-  order the optimizer spec lists them.
-* ``F0..F2``: constexpr variant flags, in the order the spec lists them.
+* ``param, grad`` and the states: one block of values in the opmath dtype. A state the variant
+  does not have (``max_exp_avg_sq`` without amsgrad) holds the param's values; what the update
+  returns for it is dropped.
+* the hyperparameters: this tensor's group's values, float64 scalars, loaded once per program.
+* the scalars: ``step`` is this update's step number (already incremented), float32; any other
+  scalar state is its value before this step (``<name>_advance`` computes the new one).
+* the sums: this tensor's sums from the ``<name>_terms`` launch before this one (LAMB).
+* ``fresh``: nonzero on the first update after the state was created (SGD).
+* the FLAGS: constexpr variant flags.
 
 Scalar math (bias corrections, step sizes) runs in float64: it costs a few instructions per
 program and keeps ``1 - beta2**step`` accurate when it is tiny. The vector math follows torch's
@@ -23,6 +22,8 @@ math rounded to the opmath dtype, as torch's Python-float scalars do.
 
 import triton
 import triton.language as tl
+
+from fusedopt.kernels.algorithms import ALGORITHMS
 
 
 @triton.jit
@@ -111,13 +112,6 @@ def _ema_square(average, x, beta):
 
 
 @triton.jit
-def _adam_hyperparams(hyper):
-    """The Adam family's first five hyperparameters: (lr, beta1, beta2, eps, weight_decay)."""
-    return (tl.load(hyper + 0), tl.load(hyper + 1), tl.load(hyper + 2), tl.load(hyper + 3),
-            tl.load(hyper + 4))
-
-
-@triton.jit
 def _moments(exp_avg, exp_avg_sq, grad, beta1, beta2):
     """Adam's moments, shared by Adam/AdamW, NAdam, RAdam and LAMB:
     m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g."""
@@ -129,21 +123,21 @@ def _moments(exp_avg, exp_avg_sq, grad, beta1, beta2):
 
 
 @triton.jit
-def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, aux, fresh, sum0, sum1, hyper,
-         MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr):
-    """Adam / AdamW. hyper = (lr, beta1, beta2, eps, weight_decay).
+def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
+         step, MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr,
+         DECOUPLED_WEIGHT_DECAY: tl.constexpr):
+    """Adam / AdamW.
 
     m, v = moments;  vmax = max(vmax, v) if amsgrad
     p -= lr/(1-beta1^t) * m / (sqrt(v or vmax)/sqrt(1-beta2^t) + eps)
     """
     dt = param.dtype
-    lr, beta1, beta2, eps, weight_decay = _adam_hyperparams(hyper)
     t = step.to(tl.float64)
     step_size = (lr / (1.0 - _power(beta1, t))).to(dt)
     bias_correction2_sqrt = tl.sqrt(1.0 - _power(beta2, t)).to(dt)
 
     grad = _signed(grad, MAXIMIZE)
-    param, grad = _weight_decay(param, grad, lr, weight_decay, DECOUPLED)
+    param, grad = _weight_decay(param, grad, lr, weight_decay, DECOUPLED_WEIGHT_DECAY)
     exp_avg, exp_avg_sq = _moments(exp_avg, exp_avg_sq, grad, beta1, beta2)
     if AMSGRAD:
         max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq,
@@ -157,18 +151,14 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, aux, fresh, sum
 
 
 @triton.jit
-def sgd(param, grad, momentum_buffer, _unused1, _unused2, step, aux, fresh, sum0, sum1, hyper,
+def sgd(param, grad, momentum_buffer, lr, momentum, dampening, weight_decay, fresh,
         MAXIMIZE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
-    """SGD with momentum, dampening and Nesterov. hyper = (lr, momentum, dampening, weight_decay).
+    """SGD with momentum, dampening and Nesterov.
 
     b = g on the first step, else momentum*b + (1-dampening)*g
     g = g + momentum*b if nesterov else b;  p -= lr*g
     """
     dt = param.dtype
-    lr = tl.load(hyper + 0)
-    momentum = tl.load(hyper + 1)
-    dampening = tl.load(hyper + 2)
-    weight_decay = tl.load(hyper + 3)
     grad = _signed(grad, MAXIMIZE)
     param, grad = _weight_decay(param, grad, lr, weight_decay, False)
     if HAS_MOMENTUM:
@@ -181,72 +171,54 @@ def sgd(param, grad, momentum_buffer, _unused1, _unused2, step, aux, fresh, sum0
         else:
             grad = momentum_buffer
     param = param - lr.to(dt) * grad
-    return param, momentum_buffer, _unused1, _unused2
+    return param, momentum_buffer
 
 
 @triton.jit
-def adagrad(param, grad, state_sum, _unused1, _unused2, step, aux, fresh, sum0, sum1, hyper,
-            MAXIMIZE: tl.constexpr, _F1: tl.constexpr, _F2: tl.constexpr):
-    """Adagrad. hyper = (lr, lr_decay, weight_decay, eps).
+def adagrad(param, grad, sum, lr, lr_decay, weight_decay, eps, step, MAXIMIZE: tl.constexpr):
+    """Adagrad.
 
     s += g*g;  p -= lr/(1 + (t-1)*lr_decay) * g / (sqrt(s) + eps)
     """
     dt = param.dtype
-    lr = tl.load(hyper + 0)
-    lr_decay = tl.load(hyper + 1)
-    weight_decay = tl.load(hyper + 2)
-    eps = tl.load(hyper + 3)
     clr = (lr / (1.0 + (step.to(tl.float64) - 1.0) * lr_decay)).to(dt)
     grad = _signed(grad, MAXIMIZE)
     param, grad = _weight_decay(param, grad, lr, weight_decay, False)
-    state_sum = state_sum + grad * grad
-    param = param - clr * _div(grad, _sqrt(state_sum) + eps.to(dt))
-    return param, state_sum, _unused1, _unused2
+    sum = sum + grad * grad
+    param = param - clr * _div(grad, _sqrt(sum) + eps.to(dt))
+    return param, sum
 
 
 @triton.jit
-def adadelta(param, grad, square_avg, acc_delta, _unused, step, aux, fresh, sum0, sum1, hyper,
-             MAXIMIZE: tl.constexpr, _F1: tl.constexpr, _F2: tl.constexpr):
-    """Adadelta. hyper = (lr, rho, eps, weight_decay).
+def adadelta(param, grad, square_avg, acc_delta, lr, rho, eps, weight_decay, step,
+             MAXIMIZE: tl.constexpr):
+    """Adadelta.
 
     v = ema(v, g*g);  d = sqrt(u + eps) / sqrt(v + eps) * g;  u = ema(u, d*d);  p -= lr*d
     """
     dt = param.dtype
-    lr = tl.load(hyper + 0)
-    rho = tl.load(hyper + 1)
-    eps = tl.load(hyper + 2).to(dt)
-    weight_decay = tl.load(hyper + 3)
+    eps = eps.to(dt)
     grad = _signed(grad, MAXIMIZE)
     param, grad = _weight_decay(param, grad, lr, weight_decay, False)
     square_avg = _ema_square(square_avg, grad, rho)
     delta = _div(_sqrt(acc_delta + eps), _sqrt(square_avg + eps)) * grad
     acc_delta = _ema_square(acc_delta, delta, rho)
     param = param - lr.to(dt) * delta
-    return param, square_avg, acc_delta, _unused
+    return param, square_avg, acc_delta
 
 
 @triton.jit
-def rmsprop(param, grad, square_avg, s1, s2, step, aux, fresh, sum0, sum1, hyper,
-            MAXIMIZE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, CENTERED: tl.constexpr):
-    """RMSprop. hyper = (lr, alpha, eps, weight_decay, momentum).
-    States: square_avg, then momentum_buffer if momentum, then grad_avg if centered.
+def rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, lr, alpha, eps, weight_decay,
+            momentum, step, MAXIMIZE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+            CENTERED: tl.constexpr):
+    """RMSprop.
 
     v = ema(v, g*g);  c = lerp(c, g, 1-alpha) if centered
     a = sqrt(v - c*c if centered else v) + eps
     b = momentum*b + g/a, p -= lr*b  (with momentum);  p -= lr * g/a  (without)
     """
     dt = param.dtype
-    lr = tl.load(hyper + 0).to(dt)
-    alpha = tl.load(hyper + 1)
-    eps = tl.load(hyper + 2).to(dt)
-    weight_decay = tl.load(hyper + 3)
-    momentum = tl.load(hyper + 4).to(dt)
-    if HAS_MOMENTUM:
-        momentum_buffer = s1
-        grad_avg = s2
-    else:
-        momentum_buffer = s2
-        grad_avg = s1
+    eps = eps.to(dt)
     grad = _signed(grad, MAXIMIZE)
     param, grad = _weight_decay(param, grad, lr, weight_decay, False)
     square_avg = _ema_square(square_avg, grad, alpha)
@@ -256,14 +228,11 @@ def rmsprop(param, grad, square_avg, s1, s2, step, aux, fresh, sum0, sum1, hyper
     else:
         avg = _sqrt(square_avg) + eps
     if HAS_MOMENTUM:
-        momentum_buffer = momentum_buffer * momentum + _div(grad, avg)
-        param = param - lr * momentum_buffer
-        s1 = momentum_buffer
-        s2 = grad_avg
+        momentum_buffer = momentum_buffer * momentum.to(dt) + _div(grad, avg)
+        param = param - lr.to(dt) * momentum_buffer
     else:
-        param = param - lr * _div(grad, avg)
-        s1 = grad_avg
-    return param, square_avg, s1, s2
+        param = param - lr.to(dt) * _div(grad, avg)
+    return param, square_avg, momentum_buffer, grad_avg
 
 
 @triton.jit
@@ -273,51 +242,54 @@ def _nadam_mu(beta1, t, momentum_decay):
 
 
 @triton.jit
-def nadam_mu_product(mu_product, step, hyper):
-    """NAdam's per-tensor scalar state: mu_product *= mu_t, in float32 as torch keeps it."""
-    mu = _nadam_mu(tl.load(hyper + 1), step.to(tl.float64), tl.load(hyper + 5))
-    return mu_product * mu.to(tl.float32)
+def _nadam_product(mu_product, step, beta1, momentum_decay):
+    """mu_product * mu_t, in float32 as torch keeps the product."""
+    return mu_product * _nadam_mu(beta1, step.to(tl.float64), momentum_decay).to(tl.float32)
 
 
 @triton.jit
-def nadam(param, grad, exp_avg, exp_avg_sq, _unused, step, mu_product, fresh, sum0, sum1,
-          hyper, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, _F2: tl.constexpr):
-    """NAdam. hyper = (lr, beta1, beta2, eps, weight_decay, momentum_decay); ``mu_product``
-    is prod(mu_1..mu_t), already advanced by :func:`nadam_mu_product`.
+def nadam_advance(step, mu_product, lr, beta1, beta2, eps, weight_decay, momentum_decay,
+                  MAXIMIZE: tl.constexpr, DECOUPLED_WEIGHT_DECAY: tl.constexpr):
+    """NAdam's per-tensor scalar state after this step: mu_product * mu_t."""
+    return _nadam_product(mu_product, step, beta1, momentum_decay)
 
-    m, v = moments;  d = sqrt(v / (1-beta2^t)) + eps
-    p -= lr (1-mu_t)/(1-prod_t) g/d + lr mu_{t+1}/(1-prod_t mu_{t+1}) m/d
+
+@triton.jit
+def nadam(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
+          momentum_decay, step, mu_product, MAXIMIZE: tl.constexpr,
+          DECOUPLED_WEIGHT_DECAY: tl.constexpr):
+    """NAdam. ``mu_product`` is prod(mu_1..mu_(t-1)), as stored before this step.
+
+    m, v = moments;  d = sqrt(v / (1-beta2^t)) + eps;  P = mu_product * mu_t
+    p -= lr (1-mu_t)/(1-P) g/d + lr mu_{t+1}/(1-P mu_{t+1}) m/d
     """
     dt = param.dtype
-    lr, beta1, beta2, eps, weight_decay = _adam_hyperparams(hyper)
-    momentum_decay = tl.load(hyper + 5)
     t = step.to(tl.float64)
     bias_correction2 = (1.0 - _power(beta2, t)).to(dt)
     mu = _nadam_mu(beta1, t, momentum_decay)
     mu_next = _nadam_mu(beta1, t + 1.0, momentum_decay)
-    product = mu_product.to(tl.float64)
+    product = _nadam_product(mu_product, step, beta1, momentum_decay).to(tl.float64)
     grad_coef = (-lr * (1.0 - mu) / (1.0 - product)).to(dt)
     avg_coef = ((-lr * mu_next) / (1.0 - product * mu_next)).to(dt)
 
     grad = _signed(grad, MAXIMIZE)
-    param, grad = _weight_decay(param, grad, lr, weight_decay, DECOUPLED)
+    param, grad = _weight_decay(param, grad, lr, weight_decay, DECOUPLED_WEIGHT_DECAY)
     exp_avg, exp_avg_sq = _moments(exp_avg, exp_avg_sq, grad, beta1, beta2)
     denom = _sqrt(_div(exp_avg_sq, bias_correction2)) + eps.to(dt)
     param = param + grad_coef * _div(grad, denom)
     param = param + avg_coef * _div(exp_avg, denom)
-    return param, exp_avg, exp_avg_sq, _unused
+    return param, exp_avg, exp_avg_sq
 
 
 @triton.jit
-def radam(param, grad, exp_avg, exp_avg_sq, _unused, step, aux, fresh, sum0, sum1, hyper,
-          MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, _F2: tl.constexpr):
-    """RAdam. hyper = (lr, beta1, beta2, eps, weight_decay).
+def radam(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
+          MAXIMIZE: tl.constexpr, DECOUPLED_WEIGHT_DECAY: tl.constexpr):
+    """RAdam.
 
     m, v = moments;  rho_inf = 2/(1-beta2) - 1;  rho_t = rho_inf - 2 t beta2^t / (1-beta2^t)
     p -= lr m/(1-beta1^t) * [rho_t > 5: sqrt(1-beta2^t)/(sqrt(v)+eps) * rect_t]
     """
     dt = param.dtype
-    lr, beta1, beta2, eps, weight_decay = _adam_hyperparams(hyper)
     t = step.to(tl.float64)
     bias_correction1 = 1.0 - _power(beta1, t)
     beta2_t = _power(beta2, t)
@@ -326,7 +298,7 @@ def radam(param, grad, exp_avg, exp_avg_sq, _unused, step, aux, fresh, sum0, sum
     rho_t = rho_inf - 2.0 * t * beta2_t / bias_correction2
 
     grad = _signed(grad, MAXIMIZE)
-    param, grad = _weight_decay(param, grad, lr, weight_decay, DECOUPLED)
+    param, grad = _weight_decay(param, grad, lr, weight_decay, DECOUPLED_WEIGHT_DECAY)
     exp_avg, exp_avg_sq = _moments(exp_avg, exp_avg_sq, grad, beta1, beta2)
     update = _div(exp_avg, bias_correction1.to(dt)) * lr.to(dt)
     if rho_t > 5.0:
@@ -337,18 +309,17 @@ def radam(param, grad, exp_avg, exp_avg_sq, _unused, step, aux, fresh, sum0, sum
                            _sqrt(exp_avg_sq) + eps.to(dt))
         update = update * adaptive_lr * rect.to(dt)
     param = param - update
-    return param, exp_avg, exp_avg_sq, _unused
+    return param, exp_avg, exp_avg_sq
 
 
 @triton.jit
-def adamax(param, grad, exp_avg, exp_inf, _unused, step, aux, fresh, sum0, sum1, hyper,
-           MAXIMIZE: tl.constexpr, _F1: tl.constexpr, _F2: tl.constexpr):
-    """Adamax. hyper = (lr, beta1, beta2, eps, weight_decay).
+def adamax(param, grad, exp_avg, exp_inf, lr, beta1, beta2, eps, weight_decay, step,
+           MAXIMIZE: tl.constexpr):
+    """Adamax.
 
     m = lerp(m, g, 1-beta1);  u = max(beta2*u, |g| + eps);  p -= lr/(1-beta1^t) * m/u
     """
     dt = param.dtype
-    lr, beta1, beta2, eps, weight_decay = _adam_hyperparams(hyper)
     clr = (lr / (1.0 - _power(beta1, step.to(tl.float64)))).to(dt)
     grad = _signed(grad, MAXIMIZE)
     param, grad = _weight_decay(param, grad, lr, weight_decay, False)
@@ -356,39 +327,31 @@ def adamax(param, grad, exp_avg, exp_inf, _unused, step, aux, fresh, sum0, sum1,
     exp_inf = tl.maximum(exp_inf * beta2.to(dt), tl.abs(grad) + eps.to(dt),
                          propagate_nan=tl.PropagateNan.ALL)
     param = param - clr * _div(exp_avg, exp_inf)
-    return param, exp_avg, exp_inf, _unused
+    return param, exp_avg, exp_inf
 
 
 @triton.jit
-def lion(param, grad, exp_avg, _unused1, _unused2, step, aux, fresh, sum0, sum1, hyper,
-         MAXIMIZE: tl.constexpr, _F1: tl.constexpr, _F2: tl.constexpr):
-    """Lion. hyper = (lr, beta1, beta2, weight_decay).
+def lion(param, grad, exp_avg, lr, beta1, beta2, weight_decay, MAXIMIZE: tl.constexpr):
+    """Lion.
 
     p *= 1 - lr*wd;  p -= lr * sign(beta1*m + (1-beta1)*g);  m = beta2*m + (1-beta2)*g
+    (sign(NaN) is NaN: a NaN grad makes its param NaN, on both backends)
     """
     dt = param.dtype
-    lr = tl.load(hyper + 0)
-    beta1 = tl.load(hyper + 1)
-    beta2 = tl.load(hyper + 2)
-    weight_decay = tl.load(hyper + 3)
     grad = _signed(grad, MAXIMIZE)
     param, grad = _weight_decay(param, grad, lr, weight_decay, True)
     interpolated = exp_avg * beta1.to(dt) + (1.0 - beta1).to(dt) * grad
     param = param - lr.to(dt) * _sign(interpolated)
     exp_avg = exp_avg * beta2.to(dt) + (1.0 - beta2).to(dt) * grad
-    return param, exp_avg, _unused1, _unused2
+    return param, exp_avg
 
 
 @triton.jit
-def _lamb_direction(param, grad, exp_avg, exp_avg_sq, step, hyper,
+def _lamb_direction(param, grad, exp_avg, exp_avg_sq, beta1, beta2, eps, weight_decay, step,
                     MAXIMIZE: tl.constexpr, BIAS_CORRECTION: tl.constexpr):
     """LAMB's update before the trust ratio: (r + wd*p, new m, new v), r = m^ / (sqrt(v^)+eps).
-    The norms launch and the update launch both call this, so they agree bit for bit."""
+    The terms launch and the update launch both call this, so they agree bit for bit."""
     dt = param.dtype
-    beta1 = tl.load(hyper + 1)
-    beta2 = tl.load(hyper + 2)
-    eps = tl.load(hyper + 3).to(dt)
-    weight_decay = tl.load(hyper + 4).to(dt)
     grad = _signed(grad, MAXIMIZE)
     exp_avg, exp_avg_sq = _moments(exp_avg, exp_avg_sq, grad, beta1, beta2)
     if BIAS_CORRECTION:
@@ -398,34 +361,49 @@ def _lamb_direction(param, grad, exp_avg, exp_avg_sq, step, hyper,
     else:
         exp_avg_hat = exp_avg
         exp_avg_sq_hat = exp_avg_sq
-    update = _div(exp_avg_hat, _sqrt(exp_avg_sq_hat) + eps) + weight_decay * param
+    update = _div(exp_avg_hat, _sqrt(exp_avg_sq_hat) + eps.to(dt)) + weight_decay.to(dt) * param
     return update, exp_avg, exp_avg_sq
 
 
 @triton.jit
-def lamb_norms(param, grad, exp_avg, exp_avg_sq, _unused, step, aux, fresh, hyper,
-               MAXIMIZE: tl.constexpr, BIAS_CORRECTION: tl.constexpr, _F2: tl.constexpr):
+def lamb_terms(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
+               MAXIMIZE: tl.constexpr, BIAS_CORRECTION: tl.constexpr):
     """LAMB's terms: (p*p, u*u), summed per tensor into ||p||^2 and ||r + wd p||^2."""
-    update, exp_avg, exp_avg_sq = _lamb_direction(param, grad, exp_avg, exp_avg_sq, step, hyper,
-                                                  MAXIMIZE, BIAS_CORRECTION)
+    update, exp_avg, exp_avg_sq = _lamb_direction(param, grad, exp_avg, exp_avg_sq, beta1, beta2,
+                                                  eps, weight_decay, step, MAXIMIZE,
+                                                  BIAS_CORRECTION)
     return param * param, update * update
 
 
 @triton.jit
-def lamb(param, grad, exp_avg, exp_avg_sq, _unused, step, aux, fresh, param_sq, update_sq,
-         hyper, MAXIMIZE: tl.constexpr, BIAS_CORRECTION: tl.constexpr, _F2: tl.constexpr):
-    """LAMB. hyper = (lr, beta1, beta2, eps, weight_decay); ``param_sq``, ``update_sq``: this
-    tensor's sums from :func:`lamb_norms`.
+def lamb(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, param_sq,
+         update_sq, MAXIMIZE: tl.constexpr, BIAS_CORRECTION: tl.constexpr):
+    """LAMB. ``param_sq``, ``update_sq``: this tensor's sums from :func:`lamb_terms`.
 
     u = r + wd*p;  p -= lr * (||p|| / ||u|| if both nonzero else 1) * u
     """
     dt = param.dtype
-    lr = tl.load(hyper + 0)
-    update, exp_avg, exp_avg_sq = _lamb_direction(param, grad, exp_avg, exp_avg_sq, step, hyper,
-                                                  MAXIMIZE, BIAS_CORRECTION)
+    update, exp_avg, exp_avg_sq = _lamb_direction(param, grad, exp_avg, exp_avg_sq, beta1, beta2,
+                                                  eps, weight_decay, step, MAXIMIZE,
+                                                  BIAS_CORRECTION)
     param_norm = _sqrt(param_sq)
     update_norm = _sqrt(update_sq)
     both = (param_norm > 0.0) & (update_norm > 0.0)
     trust_ratio = tl.where(both, _div(param_norm, tl.where(both, update_norm, 1.0)), 1.0)
     param = param - (lr * trust_ratio.to(tl.float64)).to(dt) * update
-    return param, exp_avg, exp_avg_sq, _unused
+    return param, exp_avg, exp_avg_sq
+
+
+# ---- every update, advance and terms function takes exactly what its declaration names ------
+
+
+def _check_declarations() -> None:
+    for name, algorithm in ALGORITHMS.items():
+        algorithm.check_jit("update", globals()[name])
+        if algorithm.advanced:
+            algorithm.check_jit("advance", globals()[f"{name}_advance"])
+        if algorithm.sums:
+            algorithm.check_jit("terms", globals()[f"{name}_terms"])
+
+
+_check_declarations()

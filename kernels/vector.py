@@ -40,7 +40,7 @@ import triton.language as tl
 # their own patching (as tests/conftest.py's speed-up does).
 import triton.language.core as _tl_core  # noqa: F401
 
-from fusedopt.backend import interpreting as _interpreting
+from fusedopt.kernels import interpreting as _interpreting
 from fusedopt.kernels.skeleton import (
     _TL_DTYPES,
     BLOCK,

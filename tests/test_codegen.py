@@ -46,7 +46,7 @@ def test_sm90_codegen(report, name, dtype):
     counts = report[f"{name}/{dtype}"]
     # Every element of a full aligned chunk moves in 16-byte vectors: param, grad and states
     # are read, all but the grad written. (The masked tail path adds no 16-byte accesses.)
-    tensors = 2 + spec["num_states"]
+    tensors = 2 + len(spec.states)
     assert counts["ld_16B"] == tensors * _vectors(dtype)
     assert counts["st_16B"] == (tensors - 1) * _vectors(dtype)
     # the per-tensor hand-off of step (and mu_product, the cleared sums, the cleared flag of
@@ -60,7 +60,7 @@ def test_sm90_codegen(report, name, dtype):
         assert counts["sqrt_rn"] > 0
 
 
-SUMS_PAIRS = [(n, d) for n, d in PAIRS if variant(n)["terms"] is not None]
+SUMS_PAIRS = [(n, d) for n, d in PAIRS if variant(n).algorithm.sums]
 
 
 @pytest.mark.parametrize(("name", "dtype"), SUMS_PAIRS, ids=[f"{n}-{d}" for n, d in SUMS_PAIRS])
@@ -68,7 +68,7 @@ def test_sm90_codegen_sums_launch(report, name, dtype):
     """LAMB's norms launch reads what the update reads, in 16-byte vectors, and writes only
     the per-tensor sums (atomically)."""
     counts = report[f"{name}/sums/{dtype}"]
-    assert counts["ld_16B"] == (2 + variant(name)["num_states"]) * _vectors(dtype)
+    assert counts["ld_16B"] == (2 + len(variant(name).states)) * _vectors(dtype)
     assert counts["st_16B"] == 0
     assert counts["atomic_acq_rel"] > 0
 

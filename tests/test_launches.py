@@ -146,19 +146,22 @@ def test_cached_tables_are_reused(kernel_device):
     set_grads(params, fresh_grads(params, 0, skip=None))
     opt.step()
     bucket = opt._buckets[0]
-    table, work = bucket.table, bucket.work
+    table, runner = bucket.table, bucket.runner
+    device_table, work = runner.tensors, runner.work
 
     opt.step()  # the same grads again
-    assert opt._buckets[0] is bucket and bucket.table is table and bucket.work is work
+    assert opt._buckets[0] is bucket and bucket.table is table and bucket.runner is runner
+    assert runner.tensors is device_table and runner.work is work
 
     opt.zero_grad(set_to_none=True)  # new grad tensors: patched in place, not rebuilt
     set_grads(params, fresh_grads(params, 1, skip=None))
     scheduler.step()  # a new lr: the hyperparameter table changes, not the tensor table
-    hyper = bucket.hyper
+    hyper = runner.hyper
     opt.step()
-    assert opt._buckets[0] is bucket and bucket.table is table and bucket.work is work
-    assert bucket.hyper is not hyper
-    assert bucket.table[kernels.COLUMNS.index("GRAD")].tolist() == [
+    assert opt._buckets[0] is bucket and bucket.table is table and bucket.runner is runner
+    assert runner.tensors is device_table and runner.work is work
+    assert runner.hyper is not hyper
+    assert runner.tensors[runner.columns["GRAD"]].tolist() == [
         p.grad.data_ptr() for p in params]
 
     opt.zero_grad(set_to_none=False)
@@ -175,7 +178,7 @@ def test_new_grad_set_rebuilds(kernel_device):
         grads = fresh_grads(params, step, skip=skip)
         _step_side_by_side(opt, params, ref, ref_params, grads, launches=1)
         live = sum(g is not None for g in grads)
-        assert opt._buckets[0].num_tensors == live
+        assert opt._buckets[0].runner.num_tensors == live
         assert_states_close(opt, params, ref, ref_params, **TOL[torch.float32])
 
 

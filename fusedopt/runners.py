@@ -1,0 +1,158 @@
+"""The two backends behind one ``run()``: who does the arithmetic of a bucket's step.
+
+Both take the same checked :class:`~fusedopt.table.TensorTable`, the groups' hyperparameters
+by name, and AMP's and clipping's device scalars; they differ only in who computes:
+
+* :class:`ReferenceRunner`: one readable per-tensor function per algorithm
+  (:mod:`fusedopt.reference`), in torch ops, anywhere torch runs;
+* :class:`TritonRunner`: the one multi-tensor kernel (:mod:`fusedopt.kernels`), launched once
+  per step over a device-resident copy of the table, patched where the table changes.
+"""
+
+from __future__ import annotations
+
+import array
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fusedopt import reference
+from fusedopt.kernels import interpreting
+from fusedopt.table import TensorTable
+from fusedopt.tensors import real
+
+
+class ReferenceRunner:
+    """The readable path: the algorithm's reference function, param by param."""
+
+    def __init__(self, variant, table: TensorTable, groups: list[int],
+                 fresh: list[Tensor | None]):
+        self.variant, self.table, self.groups, self.fresh = variant, table, groups, fresh
+        self.update = getattr(reference, variant.algorithm.name)
+
+    def accept_grads(self, pointers: list[int]) -> None:
+        pass  # the reference reads the table's grads as they are
+
+    def run(self, hyper: list[dict[str, Any]], grad_scale: Tensor | None,
+            found_inf: Tensor | None, clip_coef: Tensor | None, capturable: bool) -> None:
+        if found_inf is not None and found_inf.item() != 0:
+            return  # AMP saw an inf or NaN: GradScaler skips this step
+        algorithm = self.variant.algorithm
+        table = self.table
+        grads = table.grads
+        if grad_scale is not None:  # GradScaler's unscale: times its float32 1/scale
+            inv_scale = grad_scale.double().reciprocal().float()
+            grads = [g * inv_scale.to(g.device) for g in grads]
+        if clip_coef is not None:  # clip_grad_norm_'s coefficient, as torch multiplies by it
+            grads = [g * clip_coef.to(g.device, g.dtype) for g in grads]
+        hyper = [{k: float(v) for k, v in h.items()} for h in hyper]
+        flags = dict(zip(algorithm.flags, self.variant.flags))
+        absent = {s: None for s in algorithm.states if s not in self.variant.states}
+        for k, (p, g) in enumerate(zip(table.params, grads)):
+            states = dict(zip(self.variant.states, (real(s) for s in table.states[k])))
+            scalars = dict(zip(algorithm.scalars, table.scalars[k]))
+            if "step" in scalars:  # torch counts the step before using it
+                scalars["step"] = scalars["step"].add_(1).item()
+            fresh = {"fresh": bool(self.fresh[k])} if algorithm.reads_fresh else {}
+            self.update(real(p), real(g), **{**absent, **states}, **hyper[self.groups[k]],
+                        **scalars, **fresh, **flags)
+        for flag in self.fresh:
+            if flag is not None:
+                flag.zero_()
+
+
+class TritonRunner:
+    """The kernel path: a device copy of the table (addresses, sizes, groups, the fresh flags
+    and scalar addresses), the chunk work list, and one launch per step."""
+
+    def __init__(self, variant, table: TensorTable, groups: list[int],
+                 fresh: list[Tensor | None], device: torch.device):
+        from fusedopt import kernels
+
+        self.kernels = kernels
+        self.variant, self.table, self.device = variant, table, device
+        # what the FRESH column points at for state that is not new (the kernel only reads it)
+        self.not_new = torch.zeros((), dtype=torch.int64, device=device)
+        self.fresh = fresh
+        n = len(table.params)
+        names = kernels.columns(len(variant.states), len(variant.algorithm.scalars))
+        self.columns = {name: i for i, name in enumerate(names)}
+        cols: dict[str, list[int]] = {name: [0] * n for name in names}
+        for k, p in enumerate(table.local_params):
+            cols["PARAM"][k] = p.data_ptr()
+            cols["NUMEL"][k] = real(p).numel()
+            cols["GROUP"][k] = groups[k]
+            cols["FRESH"][k] = (fresh[k] if fresh[k] is not None else self.not_new).data_ptr()
+            for j, s in enumerate(table.local_states[k]):
+                cols[f"STATE{j}"][k] = s.data_ptr()
+            for j, s in enumerate(table.scalars[k]):
+                cols[f"SCALAR{j}"][k] = s.data_ptr()
+        self.tensors = torch.tensor([cols[name] for name in names],
+                                    dtype=torch.int64).to(device, non_blocking=True)
+        self.num_tensors = n
+        self.work, self.num_work = kernels.work_list(cols["NUMEL"], device)
+        self.done_counts = torch.zeros(n, dtype=torch.int32, device=device)
+        # per-tensor sums in the opmath dtype; the update launch re-zeroes them
+        self.sums = (torch.zeros(n, len(variant.algorithm.sums), device=device,
+                                 dtype=variant.compute) if variant.algorithm.sums else None)
+        self.param_strides = [p.stride() for p in table.local_params]
+        self.hyper_rows: list[tuple] | None = None
+        self.grad_copies: dict[int, Tensor] = {}
+        self.accept_grads(table.grad_addresses.pointers)
+
+    def accept_grads(self, pointers: list[int]) -> None:
+        """New grad addresses: re-point the grad column. The kernel indexes param and grad
+        alike, so a grad laid out otherwise than its param is read from a copy in the param's
+        layout (a copy each step: autograd never produces this, but an assigned grad may)."""
+        grads = self.table.local_grads
+        self.grad_copies = {}
+        for k, (g, stride) in enumerate(zip(grads, self.param_strides)):
+            if g.stride() != stride:
+                self.grad_copies[k] = torch.empty_like(self.table.local_params[k])
+        if self.grad_copies:
+            pointers = list(pointers)
+            for k, copy in self.grad_copies.items():
+                pointers[k] = copy.data_ptr()
+        # array -> frombuffer is ~10x faster than torch.tensor(list) for thousands of ints;
+        # non_blocking: torch skips the stream synchronisation a blocking copy ends with (the
+        # driver stages the pageable source, so these small tables go without waiting)
+        host = torch.frombuffer(array.array("q", pointers), dtype=torch.int64)
+        self.tensors[self.columns["GRAD"]].copy_(host, non_blocking=True)
+
+    def run(self, hyper: list[dict[str, Any]], grad_scale: Tensor | None,
+            found_inf: Tensor | None, clip_coef: Tensor | None, capturable: bool) -> None:
+        for k, copy in self.grad_copies.items():
+            copy.copy_(self.table.local_grads[k])
+        self._update_hyper_table(hyper, capturable)
+        variant = self.variant.with_amp(grad_scale is not None, found_inf is not None,
+                                        clip_coef is not None)
+        # Triton launches on the current CUDA device: make it this bucket's.
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
+            self.kernels.launch(
+                variant, tensors=self.tensors, num_tensors=self.num_tensors, work=self.work,
+                num_work=self.num_work, hyper=self.hyper, done_counts=self.done_counts,
+                sums=self.sums, grad_scale=grad_scale, found_inf=found_inf,
+                clip_coef=clip_coef, interpreting=interpreting())
+
+    def _update_hyper_table(self, hyper: list[dict[str, Any]], capturable: bool) -> None:
+        """Re-upload the float64 hyperparameter table when a value changed. Tensor values on
+        an accelerator (a CUDA lr), and with capturable every tensor value, are not read on
+        the host (that would sync) but copied into their slots on the device at every step,
+        so a CUDA graph replays the copies with the current values. CPU tensors are read."""
+
+        def in_slot(value: Any) -> bool:
+            return isinstance(value, Tensor) and (capturable or value.device.type != "cpu")
+
+        rows = [tuple(h.values()) for h in hyper]
+        slots = [(r, c, v) for r, row in enumerate(rows) for c, v in enumerate(row)
+                 if in_slot(v)]
+        rows = [tuple(None if in_slot(v) else float(v) for v in row) for row in rows]
+        if rows != self.hyper_rows:
+            table = [[0.0 if v is None else v for v in row] for row in rows]
+            self.hyper = torch.tensor(table, dtype=torch.float64).to(self.device,
+                                                                      non_blocking=True)
+            self.hyper_rows = rows
+        for r, c, value in slots:  # (reshape: torch takes any one-element tensor)
+            self.hyper[r, c].copy_(value.reshape(()), non_blocking=True)

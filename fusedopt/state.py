@@ -1,0 +1,197 @@
+"""Optimizer state: the dicts that count their own changes, and the resolution of a bucket's
+state (found in ``optimizer.state``, checked, created where missing).
+
+``optimizer.state`` is a :class:`WatchedStates` of :class:`WatchedDict`: every assignment or
+deletion, at either level, bumps one counter, so the engine knows in O(1) that the user
+replaced or deleted a state tensor (a reset, an offload, ``load_state_dict``) and rebuilds its
+tables. A state dict the user assigns by hand (``opt.state[p] = {...}``) is a plain dict whose
+later changes nobody counts: the engine lists those (:attr:`StateOfBucket.unwatched`) and
+compares their contents at every step. What a dict cannot see (a state tensor's storage
+rebound with ``t.data = ...``) the tensor table's pointer check sees.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from fusedopt.tensors import describe, local
+
+
+class WatchedDict(dict):
+    """A param's state dict that counts its changes. It pickles and copies as a plain dict,
+    so checkpoints stay torch.optim's."""
+
+    def __init__(self, changes: list[int], *args: Any):
+        super().__init__(*args)
+        self.changes = changes  # one counter shared by the optimizer's whole state
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+
+class WatchedStates(defaultdict):
+    """``optimizer.state``: param -> :class:`WatchedDict`, counting changes at both levels."""
+
+    def __init__(self, state: dict):
+        self.changes = [0]
+        super().__init__(lambda: WatchedDict(self.changes))
+        for key, value in state.items():
+            dict.__setitem__(self, key, WatchedDict(self.changes, value))
+
+    def __reduce__(self):
+        return defaultdict, (dict,), None, None, iter(self.items())
+
+
+def _counting(method_name: str) -> Callable:
+    base = getattr(dict, method_name)
+
+    def method(self, *args: Any, **kwargs: Any) -> Any:
+        self.changes[0] += 1
+        return base(self, *args, **kwargs)
+
+    method.__name__ = method_name
+    return method
+
+
+for _cls in (WatchedDict, WatchedStates):
+    for _name in ("__setitem__", "__delitem__", "__ior__", "clear", "pop", "popitem",
+                  "setdefault", "update"):
+        setattr(_cls, _name, _counting(_name))
+del _cls, _name
+
+
+def scalar_device(p: Tensor) -> torch.device:
+    """Where a param's scalar states live: next to it (the kernels read and write them), but
+    on the CPU for meta params, as torch keeps them (a meta scalar has no value to read)."""
+    return torch.device("cpu") if p.device.type == "meta" else p.device
+
+
+class StateOfBucket:
+    """The states and scalar states of a bucket's params with grads, in kernel order.
+
+    ``states[k]``: the state tensors of the k-th param, in the order the bucket's variant
+    names them; ``scalars[k]``: its float32 0-dim scalar states in the algorithm's order;
+    ``fresh[k]``: its "state created, not yet updated" flag (an int64 device scalar, or None).
+    Missing state is created at the spec's initial value, in the param's layout; existing
+    state in another layout is copied into the param's (same values), so that one flat index
+    walks param, grad and states alike. What this step created is remembered (``created``)
+    so that a step that fails before its update can forget it again.
+    """
+
+    def __init__(self, opt, params: list[Tensor], groups: list[int], names: tuple[str, ...]):
+        self.opt = opt
+        algorithm = opt.algorithm
+        self.names = names
+        self.created: list[tuple[dict, str]] = []
+        self.states: list[list[Tensor]] = []
+        self.scalars: list[list[Tensor]] = []
+        self.fresh: list[Tensor | None] = []
+        self.dicts: list[dict | None] = []
+        # State created and not yet updated (SGD's first momentum step sets buf = g): an int64
+        # device flag per such state, kept by the optimizer and keyed by the state's first
+        # tensor, so that it outlives rebuilds of the buckets and goes with the state. A step
+        # that AMP skips leaves it set, as torch.optim, which is then not stepped at all,
+        # would have no state yet; the step that runs clears it.
+        flags = opt.__dict__.setdefault("_new_state", WeakIdKeyDictionary())
+        for p, g in zip(params, groups):
+            if not names and not algorithm.scalars:
+                self.states.append([])
+                self.scalars.append([])
+                self.fresh.append(None)
+                self.dicts.append(None)  # SGD without momentum: torch keeps no state either
+                continue
+            state = opt.state[p]
+            group = opt.param_groups[g]
+            tensors, created = self._tensors(p, state, group)
+            self.states.append(tensors)
+            self.scalars.append(self._scalars(p, state, group))
+            self._torch_key_order(state)
+            if tensors and created:
+                flags[tensors[0]] = torch.ones((), dtype=torch.int64,
+                                               device=scalar_device(p))
+            self.fresh.append(flags.get(tensors[0]) if tensors else None)
+            self.dicts.append(state)
+
+    @property
+    def unwatched(self) -> list[tuple[dict, list[Tensor | None]]]:
+        """The state dicts nobody counts changes of (assigned by hand), with what they held."""
+        names = (*self.names, *self.opt.algorithm.scalars)
+        return [(d, [d.get(n) for n in names]) for d in self.dicts
+                if d is not None and type(d) is not WatchedDict]
+
+    def _tensors(self, p: Tensor, state: dict, group: dict) -> tuple[list[Tensor], bool]:
+        fresh = False
+        tensors = []
+        for name in self.names:
+            value = state.get(name)
+            if value is None:
+                init = self.opt._state_init(name, group)
+                value = (torch.full_like(p, complex(init, init) if p.is_complex() else init,
+                                         memory_format=torch.preserve_format)
+                         if init else torch.zeros_like(p, memory_format=torch.preserve_format))
+                fresh = True
+                self.created.append((state, name))
+            elif local(value).stride() != local(p).stride():
+                # e.g. a contiguous state loaded for a channels_last param: same values,
+                # the param's layout, so that one flat index addresses both.
+                value = torch.empty_like(p).copy_(value)
+            state[name] = value
+            tensors.append(value)
+        return tensors, fresh
+
+    def _scalars(self, p: Tensor, state: dict, group: dict) -> list[Tensor]:
+        scalars = []
+        device = scalar_device(p)
+        for name in self.opt.algorithm.scalars:
+            value = state.get(name)
+            if (not isinstance(value, Tensor) or value.dtype != torch.float32
+                    or value.device != device or value.dim() != 0):
+                # torch keeps these on the CPU unless fused; here the kernel reads and writes
+                # them, so they live next to the param (as torch's fused and capturable do).
+                initial = self.opt._scalar_init(name, group) if value is None else value
+                value = torch.tensor(float(initial), dtype=torch.float32, device=device)
+                if name not in state:
+                    self.created.append((state, name))
+                state[name] = value
+            scalars.append(value)
+        return scalars
+
+    def _torch_key_order(self, state: dict) -> None:
+        """torch's key order: the scalars (step first), then the states."""
+        order = [k for k in (*self.opt.algorithm.scalars, *self.names) if k in state]
+        if list(state)[:len(order)] != order:
+            others = {k: v for k, v in state.items() if k not in order}
+            entries = {k: state[k] for k in order}
+            state.clear()
+            state.update(entries, **others)
+
+    def forget_created(self) -> None:
+        """Undo this step's state creation (the step failed before its update ran)."""
+        for state, name in self.created:
+            state.pop(name, None)
+        self.created = []
+
+
+def check_existing_state(opt, p: Tensor, names: tuple[str, ...], owner: str, where: str) -> None:
+    """State a param already has must match it: dtype, shape, device, layout or not."""
+    state = opt.state.get(p, {})
+    for name in names:
+        value = state.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{owner}: state {name!r} of {where} is a "
+                             f"{type(value).__name__}, not a tensor")
+        if value.dtype != p.dtype or value.device != p.device or value.shape != p.shape:
+            raise ValueError(
+                f"{owner}: state {name!r} is {describe(value)}, but its parameter ({where}) "
+                f"is {describe(p)}; fusedopt keeps state in the parameter's dtype, shape and "
+                "device (move the optimizer's state along with the model)")
+        if value.layout != torch.strided:
+            raise ValueError(f"{owner}: state {name!r} of {where} is a {value.layout} tensor")
