@@ -19,6 +19,7 @@ An optimizer is a small spec (see :class:`FusedOptimizer`); this module does the
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections.abc import Callable
@@ -491,6 +492,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for (device, dtype, _), entries in members.items()]
 
 
+_GRAD = operator.attrgetter("grad")
+
+
 class _PendingClip:
     """A clip coefficient and the grads it was measured on, to tell at the step whether they
     are still those grads: same tensors, same version counter, same address and layout."""
@@ -554,6 +558,7 @@ class _Bucket:
         self.runner: Any = None
         self.grads_seen: list[Tensor | None] | None = None  # grads the table was made with
         self.unwatched: list[tuple[dict, list]] = []
+        self.exposures_seen = -1  # optimizer.state's exposure count at the last gather
         self.pending: tuple | None = None  # what gather() decided, for run()
 
     def _name(self, i: int) -> str:
@@ -565,16 +570,18 @@ class _Bucket:
 
     def gather(self) -> None:
         """Read this step's grads and check what changed; raises before anything changes."""
-        grads = [p.grad for p in self.members]
+        grads = list(map(_GRAD, self.members))
         table = self.table
+        exposures = self.opt.state.exposures[0]
+        exposed, self.exposures_seen = exposures != self.exposures_seen, exposures
         if table is not None and self._dicts_intact():
             if all(map(operator.is_, grads, self.grads_seen)):
-                if table.intact(self._live(grads)):
+                if table.intact(self._live(grads), exposed):
                     self.pending = ("run",)
                     return
-            elif [g is not None for g in grads] == [g is not None for g in self.grads_seen]:
+            elif self._same_params_have_grads(grads):
                 live = self._live(grads)
-                if table.intact():
+                if table.params_intact(exposed):
                     pointers = table.check_new_grads(live)
                     if pointers is not None:
                         self.pending = ("grads", grads, live, pointers)
@@ -582,14 +589,20 @@ class _Bucket:
         self._check_all(grads)
         self.pending = ("rebuild", grads)
 
+    def _same_params_have_grads(self, grads: list[Tensor | None]) -> bool:
+        if not self.any_missing:  # the usual case: every param has one (a C-level pass)
+            return all(map(operator.is_not, grads, itertools.repeat(None)))
+        return [g is None for g in grads] == self.missing
+
     def _live(self, grads: list[Tensor | None]) -> list[Tensor]:
-        return [g for g in grads if g is not None]
+        """The grads of the params that have one (all of them, usually: no copy then)."""
+        return [g for g in grads if g is not None] if self.any_missing else grads
 
     def _dicts_intact(self) -> bool:
         """The state dicts assigned by hand (nobody counts their changes) hold what they held."""
         for state, values in self.unwatched:
             names = (*self.variant.states, *self.opt.algorithm.scalars)
-            if any(state.get(n) is not v for n, v in zip(names, values)):
+            if any(dict.get(state, n) is not v for n, v in zip(names, values)):
                 return False
         return True
 
@@ -654,6 +667,8 @@ class _Bucket:
             self.runner = ReferenceRunner(self.variant, table, groups, state.fresh)
         self.table = table
         self.grads_seen = grads
+        self.missing = [g is None for g in grads]
+        self.any_missing = any(self.missing)
         self.unwatched = state.unwatched
         return state
 

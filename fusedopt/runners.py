@@ -99,18 +99,20 @@ class TritonRunner:
                                  dtype=variant.compute) if variant.algorithm.sums else None)
         self.param_strides = [p.stride() for p in table.local_params]
         self.hyper_rows: list[tuple] | None = None
-        self.grad_copies: dict[int, Tensor] = {}
-        self.accept_grads(table.grad_addresses.pointers)
+        self.grad_copies: dict[int, Tensor] | None = None
+        self.accept_grads(table.grad_pointers)
 
     def accept_grads(self, pointers: list[int]) -> None:
         """New grad addresses: re-point the grad column. The kernel indexes param and grad
         alike, so a grad laid out otherwise than its param is read from a copy in the param's
-        layout (a copy each step: autograd never produces this, but an assigned grad may)."""
-        grads = self.table.local_grads
-        self.grad_copies = {}
-        for k, (g, stride) in enumerate(zip(grads, self.param_strides)):
-            if g.stride() != stride:
-                self.grad_copies[k] = torch.empty_like(self.table.local_params[k])
+        layout (a copy each step: autograd never produces this, but an assigned grad may).
+        New grads have their predecessors' layouts (the table checked), so the copies made
+        for the first grads serve every later one."""
+        if self.grad_copies is None:
+            grads = self.table.local_grads
+            self.grad_copies = {k: torch.empty_like(self.table.local_params[k])
+                                for k, (g, stride) in enumerate(zip(grads, self.param_strides))
+                                if g.stride() != stride}
         if self.grad_copies:
             pointers = list(pointers)
             for k, copy in self.grad_copies.items():

@@ -1,13 +1,23 @@
 """Optimizer state: the dicts that count their own changes, and the resolution of a bucket's
 state (found in ``optimizer.state``, checked, created where missing).
 
-``optimizer.state`` is a :class:`WatchedStates` of :class:`WatchedDict`: every assignment or
-deletion, at either level, bumps one counter, so the engine knows in O(1) that the user
-replaced or deleted a state tensor (a reset, an offload, ``load_state_dict``) and rebuilds its
-tables. A state dict the user assigns by hand (``opt.state[p] = {...}``) is a plain dict whose
-later changes nobody counts: the engine lists those (:attr:`StateOfBucket.unwatched`) and
-compares their contents at every step. What a dict cannot see (a state tensor's storage
-rebound with ``t.data = ...``) the tensor table's pointer check sees.
+``optimizer.state`` is a :class:`WatchedStates` of :class:`WatchedDict`, which count two things
+in O(1):
+
+* **changes**: every assignment or deletion, at either level, so the engine knows that the user
+  replaced or deleted a state tensor (a reset, an offload, ``load_state_dict``) and rebuilds;
+* **exposures**: every read that hands a state tensor out (``opt.state[p]["exp_avg"]``,
+  ``.get``, ``.values()``, ``.items()``, iteration, copies, pickling, ``state_dict()``). State
+  tensors are the optimizer's: user code can only reach them through these reads (or through
+  references it already holds, which the table sees in their reference counts). So a step
+  after which nothing was handed out, and nobody held anything, need not look at them again:
+  the tensor table checks their addresses and layouts only when an exposure happened, or while
+  someone outside holds one (see :meth:`fusedopt.table.TensorTable.intact`).
+
+A state dict the user assigns by hand (``opt.state[p] = {...}``) is a plain dict whose later
+changes nobody counts: the engine lists those (:attr:`StateOfBucket.unwatched`) and compares
+their contents at every step. The engine's own reads go through ``dict``'s methods directly,
+so they count as neither.
 """
 
 from __future__ import annotations
@@ -24,25 +34,29 @@ from fusedopt.tensors import describe, local
 
 
 class WatchedDict(dict):
-    """A param's state dict that counts its changes. It pickles and copies as a plain dict,
-    so checkpoints stay torch.optim's."""
+    """A param's state dict that counts its changes and the reads that hand its tensors out.
+    It pickles and copies as a plain dict, so checkpoints stay torch.optim's."""
 
-    def __init__(self, changes: list[int], *args: Any):
+    def __init__(self, changes: list[int], exposures: list[int], *args: Any):
         super().__init__(*args)
-        self.changes = changes  # one counter shared by the optimizer's whole state
+        self.changes = changes  # counters shared by the optimizer's whole state
+        self.exposures = exposures
 
     def __reduce__(self):
-        return dict, (dict(self),)
+        self.exposures[0] += 1
+        return dict, (dict.copy(self),)
 
 
 class WatchedStates(defaultdict):
-    """``optimizer.state``: param -> :class:`WatchedDict`, counting changes at both levels."""
+    """``optimizer.state``: param -> :class:`WatchedDict`, counting changes at both levels
+    (and, through its dicts, exposures)."""
 
     def __init__(self, state: dict):
         self.changes = [0]
-        super().__init__(lambda: WatchedDict(self.changes))
+        self.exposures = [0]
+        super().__init__(lambda: WatchedDict(self.changes, self.exposures))
         for key, value in state.items():
-            dict.__setitem__(self, key, WatchedDict(self.changes, value))
+            dict.__setitem__(self, key, WatchedDict(self.changes, self.exposures, value))
 
     def __reduce__(self):
         return defaultdict, (dict,), None, None, iter(self.items())
@@ -59,10 +73,25 @@ def _counting(method_name: str) -> Callable:
     return method
 
 
+def _exposing(method_name: str) -> Callable:
+    base = getattr(dict, method_name)
+
+    def method(self, *args: Any, **kwargs: Any) -> Any:
+        self.exposures[0] += 1
+        return base(self, *args, **kwargs)
+
+    method.__name__ = method_name
+    return method
+
+
 for _cls in (WatchedDict, WatchedStates):
     for _name in ("__setitem__", "__delitem__", "__ior__", "clear", "pop", "popitem",
                   "setdefault", "update"):
         setattr(_cls, _name, _counting(_name))
+# (overriding __iter__ also routes dict(d) and {**d} through __getitem__)
+for _name in ("__getitem__", "get", "values", "items", "__iter__", "copy", "__or__",
+              "__ror__"):
+    setattr(WatchedDict, _name, _exposing(_name))
 del _cls, _name
 
 
@@ -122,14 +151,14 @@ class StateOfBucket:
     def unwatched(self) -> list[tuple[dict, list[Tensor | None]]]:
         """The state dicts nobody counts changes of (assigned by hand), with what they held."""
         names = (*self.names, *self.opt.algorithm.scalars)
-        return [(d, [d.get(n) for n in names]) for d in self.dicts
+        return [(d, [dict.get(d, n) for n in names]) for d in self.dicts
                 if d is not None and type(d) is not WatchedDict]
 
     def _tensors(self, p: Tensor, state: dict, group: dict) -> tuple[list[Tensor], bool]:
         fresh = False
         tensors = []
         for name in self.names:
-            value = state.get(name)
+            value = dict.get(state, name)
             if value is None:
                 init = self.opt._state_init(name, group)
                 value = (torch.full_like(p, complex(init, init) if p.is_complex() else init,
@@ -149,7 +178,7 @@ class StateOfBucket:
         scalars = []
         device = scalar_device(p)
         for name in self.opt.algorithm.scalars:
-            value = state.get(name)
+            value = dict.get(state, name)
             if (not isinstance(value, Tensor) or value.dtype != torch.float32
                     or value.device != device or value.dim() != 0):
                 # torch keeps these on the CPU unless fused; here the kernel reads and writes
@@ -165,9 +194,9 @@ class StateOfBucket:
     def _torch_key_order(self, state: dict) -> None:
         """torch's key order: the scalars (step first), then the states."""
         order = [k for k in (*self.opt.algorithm.scalars, *self.names) if k in state]
-        if list(state)[:len(order)] != order:
-            others = {k: v for k, v in state.items() if k not in order}
-            entries = {k: state[k] for k in order}
+        if list(dict.keys(state))[:len(order)] != order:
+            others = {k: v for k, v in dict.items(state) if k not in order}
+            entries = {k: dict.__getitem__(state, k) for k in order}
             state.clear()
             state.update(entries, **others)
 
@@ -182,7 +211,7 @@ def check_existing_state(opt, p: Tensor, names: tuple[str, ...], owner: str, whe
     """State a param already has must match it: dtype, shape, device, layout or not."""
     state = opt.state.get(p, {})
     for name in names:
-        value = state.get(name)
+        value = dict.get(state, name)
         if value is None:
             continue
         if not isinstance(value, Tensor):

@@ -3,14 +3,24 @@ every step, that each address still holds what the table says.
 
 A :class:`TensorTable` is built from tensors the bucket has checked (param, grad, states and
 scalar states of each param with a grad). It remembers, for every one of them, its address and
-its layout (dtype, device, shape, strides): :meth:`TensorTable.intact` compares both with the
-live tensors before every launch, in bulk C++ calls where torch has them (CUDA-graph trees'
-pointer check, dynamo's tensor guards), else in Python. A tensor whose storage was rebound
-(``t.data = ...``), re-viewed at the same address (``p.data = p.data.t()``), resized or
-re-typed fails the check, and the bucket rebuilds its table from scratch, with every check,
-before anything runs. Grads that are new objects (``zero_grad(set_to_none=True)`` and a
-backward) take the shorter path of :meth:`TensorTable.accept_grads`: checked against the
-layout of the grads they replace, and against the memory the kernel writes.
+its layout (dtype, device, shape, strides), and compares both with the live tensors before a
+launch, in bulk C++ calls where torch has them (CUDA-graph trees' pointer check, dynamo's
+tensor guards), else in Python. A tensor whose storage was rebound (``t.data = ...``),
+re-viewed at the same address (``p.data = p.data.t()``), resized or re-typed fails the check,
+and the bucket rebuilds its table from scratch, with every check, before anything runs.
+
+What is checked when:
+
+* **params and grads**, which user code holds: at every step. Grads that are new objects
+  (``zero_grad(set_to_none=True)`` and a backward) take :meth:`TensorTable.check_new_grads`:
+  they must have the layout of the grads they replace, and share no memory with what the step
+  writes.
+* **states and scalar states**, which are the optimizer's: user code reaches them only through
+  ``optimizer.state`` (whose dicts count every read that hands one out: "exposures") or
+  through a reference it kept. So they are checked at the first step after an exposure or a
+  rebuild; and if at that check someone outside holds one of them (its Python reference count
+  is above the table's own), at every step until nobody does. Otherwise they cannot have
+  changed, and a step does not look at them: the check costs O(params), not O(tensors).
 
 The table also refuses, when built, tensors the kernel would write twice or read while writing:
 two params (or states) sharing memory, a grad sharing memory with a param or state.
@@ -20,6 +30,7 @@ from __future__ import annotations
 
 import array
 import operator
+import sys
 from collections.abc import Callable
 
 import torch
@@ -32,6 +43,21 @@ try:  # dynamo's C++ tensor guard: dtype, device, shape, strides (and requires_g
     from torch._C._dynamo.guards import TensorGuards as _TensorGuards
 except ImportError:  # pragma: no cover - every torch fusedopt supports has it
     _TensorGuards = None
+
+
+def _own_references() -> int:
+    """The reference count a state tensor has when only the optimizer holds it: its state dict
+    entry, the table's per-param list and flat list, and the count's own argument. Measured on
+    a probe held the same way, so that it holds whatever the interpreter counts."""
+    probe = torch.empty(0)
+    entry, per_param, flat = {"state": probe}, [probe], [probe]
+    del probe
+    count = next(map(sys.getrefcount, flat))
+    del entry, per_param
+    return count
+
+
+OWN_REFERENCES = _own_references()
 
 
 class Addresses:
@@ -96,12 +122,18 @@ class TensorTable:
         self.local_params = self._local(params)
         self.local_grads = self._local(grads)
         self.local_states = [self._local(ss) for ss in states]
-        self.kept = [*self.local_params, *(s for ss in self.local_states for s in ss),
-                     *(s for ss in scalars for s in ss)]
-        self.kept_addresses = Addresses(self.kept)
-        self.kept_layouts = Layouts(self.kept)
-        self.grad_addresses = Addresses(self.local_grads)
+        self.owned = [*(s for ss in self.local_states for s in ss),
+                      *(s for ss in scalars for s in ss)]
+        # params and grads are checked together at every step; the grads' layouts stay
+        # those of the first grads (new grads must match them), their addresses follow them
+        self.watched_addresses = Addresses([*self.local_params, *self.local_grads])
+        self.watched_layouts = Layouts([*self.local_params, *self.local_grads])
+        self.param_addresses = Addresses(self.local_params)
+        self.param_layouts = Layouts(self.local_params)
         self.grad_layouts = Layouts(self.local_grads)
+        self.owned_addresses = Addresses(self.owned)
+        self.owned_layouts = Layouts(self.owned)
+        self.owned_checked = False  # no step has checked the states since the table was built
         self._check_aliasing()
 
     def _local(self, tensors: list[Tensor]) -> list[Tensor]:
@@ -115,29 +147,28 @@ class TensorTable:
         over params, would update such memory twice, or read a grad it already changed)."""
         if not self.params or self.params[0].device.type == "meta":
             return  # nothing is written on the meta device
-        written = [span(t) for t in self.kept]
+        written = [span(t) for t in (*self.local_params, *self.owned)]
         clash = overlapping(written)
         if clash is not None:
             raise ValueError(f"{self.owner}: {self._what(clash[0])} and {self._what(clash[1])} "
                              "share memory; each parameter (and each of its states) must have "
                              "its own (a parameter given twice, or storage shared by hand?)")
-        starts = sorted((s, e, i) for i, (s, e) in enumerate(written) if e > s)
-        self._written_starts = torch.tensor([s for s, _, _ in starts], dtype=torch.int64)
-        self._written_ends = torch.tensor([e for _, e, _ in starts], dtype=torch.int64)
+        spans = sorted((s, e) for s, e in written if e > s)
+        # a sentinel span before every address, so that every grad has a span before it
+        self._written_starts = torch.tensor([-1] + [s for s, _ in spans], dtype=torch.int64)
+        self._written_ends = torch.tensor([-1] + [e for _, e in spans], dtype=torch.int64)
         self._grad_bytes = torch.tensor([g.numel() * g.element_size()
                                          for g in self.local_grads], dtype=torch.int64)
-        self._check_grads_apart(self.grad_addresses.pointers)
+        self._check_grads_apart(self.watched_addresses.pointers[len(self.params):])
 
     def _check_grads_apart(self, grad_pointers: list[int]) -> None:
-        """No grad overlaps a written tensor (one vectorised search over the sorted spans)."""
-        if not self.grads or not len(self._written_starts):
-            return
+        """No grad overlaps a written span: the last span starting before a grad's end must
+        end before its start (one vectorised search over the sorted spans)."""
         starts = torch.frombuffer(array.array("q", grad_pointers), dtype=torch.int64)
         ends = starts + self._grad_bytes
-        last_before_end = torch.searchsorted(self._written_starts, ends, side="left") - 1
-        hits = (last_before_end >= 0) & (ends > starts) & (
-            self._written_ends[last_before_end.clamp(min=0)] > starts)
-        if bool(hits.any()):
+        before = torch.searchsorted(self._written_starts, ends) - 1
+        hits = (self._written_ends[before] > starts) & (ends > starts)
+        if hits.any():
             k = int(hits.nonzero()[0])
             raise ValueError(f"{self.owner}: the grad of {self.name_of(k)} shares memory with a "
                              "parameter or an optimizer state, which the step writes")
@@ -153,21 +184,38 @@ class TensorTable:
 
     # ---- the per-step checks ------------------------------------------------------------------
 
-    def intact(self, grads: list[Tensor] | None = None) -> bool:
-        """Every kept tensor (params, states, scalars) at its address with its layout (and,
-        sharded, each param still with its local shard); and ``grads``, when given, the very
-        grads of the table, likewise."""
-        if not (self.kept_addresses.same(self.kept) and self.kept_layouts.same(self.kept)):
-            return False
-        if self.sharded and not all(map(operator.is_, self._local(self.params),
-                                        self.local_params)):
-            return False
-        if grads is None:
+    def intact(self, grads: list[Tensor], exposed: bool = True) -> bool:
+        """The table as it was: every param and every grad (``grads``: this step's, the very
+        objects of the table) at its address with its layout; the states and scalars too when
+        they may have been reached (see :meth:`_owned_intact`)."""
+        watched = self.local_params + self._local(grads)
+        return (self.watched_addresses.same(watched) and self.watched_layouts.same(watched)
+                and self._shards_intact() and self._owned_intact(exposed))
+
+    def params_intact(self, exposed: bool = True) -> bool:
+        """As :meth:`intact`, for everything but the grads (which are about to be replaced)."""
+        return (self.param_addresses.same(self.local_params)
+                and self.param_layouts.same(self.local_params) and self._shards_intact()
+                and self._owned_intact(exposed))
+
+    def _shards_intact(self) -> bool:
+        """FSDP2: each param still has the local shard the table holds."""
+        return not self.sharded or all(map(operator.is_, self._local(self.params),
+                                           self.local_params))
+
+    def _owned_intact(self, exposed: bool) -> bool:
+        """The states and scalars at their addresses with their layouts, checked when they may
+        have changed: after an exposure (``exposed``), or while someone outside holds one
+        (their Python reference count is above the optimizer's own), or at the first step of
+        the table. Otherwise nobody can have reached them since the last check."""
+        if not exposed and self.owned_checked:
             return True
-        if not all(map(operator.is_, grads, self.grads)):
+        if not (self.owned_addresses.same(self.owned) and self.owned_layouts.same(self.owned)):
             return False
-        local_grads = self._local(grads)
-        return self.grad_addresses.same(local_grads) and self.grad_layouts.same(local_grads)
+        self.owned_checked = not self.sharded and all(
+            map(operator.eq, map(sys.getrefcount, self.owned),
+                [OWN_REFERENCES] * len(self.owned)))
+        return True
 
     def check_new_grads(self, grads: list[Tensor]) -> list[int] | None:
         """New grad objects for the same params: their addresses if they have the layout of
@@ -186,4 +234,9 @@ class TensorTable:
         """Make checked new grads (:meth:`check_new_grads`) the table's."""
         self.grads = grads
         self.local_grads = self._local(grads)
-        self.grad_addresses.pointers = pointers
+        n = len(self.params)
+        self.watched_addresses.pointers[n:] = pointers
+
+    @property
+    def grad_pointers(self) -> list[int]:
+        return self.watched_addresses.pointers[len(self.params):]
