@@ -233,7 +233,8 @@ class LBFGS(torch.optim.LBFGS):
                                  f"{tuple(p.shape)} with strides {p.stride()}")
 
     def _reset_caches(self) -> None:
-        self._param_ptrs: list[int] | None = None  # what _param_vector was built for
+        self._param_layout: list | None = None  # what _param_vector was built for
+        self._in_step = False
         self._param_vector: _Vector | None = None
         self._layout_key: tuple | None = None
         self._ops: _ReferenceOps | _TritonOps | None = None
@@ -244,14 +245,21 @@ class LBFGS(torch.optim.LBFGS):
 
     def _prepare(self) -> None:
         """(Re)build what depends on the params: checked, then cached until a param's storage
-        moves (``p.data = ...``, ``model.to(...)``) or the param list changes."""
-        ptrs = [p.data_ptr() for p in self._params]
-        if ptrs == self._param_ptrs:
+        moves or is re-viewed (``p.data = ...``, ``model.to(...)``, also from inside a closure:
+        this runs again after every closure call, as torch.optim.LBFGS reads ``self._params``
+        afresh at each of its operations) or the param list changes. A change of shape, dtype
+        or device in the middle of a step is an error: the step's vectors no longer fit."""
+        layout = [(p.data_ptr(), p.dtype, p.shape, p.stride()) for p in self._params]
+        if layout == self._param_layout:
             return
         self._check_params()
         real = [_real(p) for p in self._params]
         key = (real[0].device, real[0].dtype, tuple(t.shape for t in real))
         if key != self._layout_key:
+            if self._in_step:
+                raise RuntimeError(f"{_OWNER}: a parameter changed shape, dtype or device "
+                                   "during step() (in the closure): the step's vectors no "
+                                   "longer fit it; change parameters between steps")
             device = real[0].device
             backend = resolve_backend(self._backend_request, device)
             numels = [t.numel() for t in real]
@@ -262,7 +270,13 @@ class LBFGS(torch.optim.LBFGS):
             self._grad_vector = None
             self._layout_key = key
         self._param_vector = _Vector(real)
-        self._param_ptrs = ptrs
+        self._param_layout = layout
+
+    def _closure(self, closure: Callable[[], Any]) -> Any:
+        """Evaluate the closure, then re-read the params (it may have re-pointed them)."""
+        loss = closure()
+        self._prepare()
+        return loss
 
     def _new_vector(self) -> _Vector:
         if self._spare:
@@ -286,6 +300,11 @@ class LBFGS(torch.optim.LBFGS):
                 if g.layout != torch.strided:
                     g = g.to_dense()
                 g = _real(g)
+                if g.dtype != self._dtype or g.shape != self._shapes[i]:
+                    raise RuntimeError(
+                        f"{_OWNER}: the grad of parameter {i} is {g.dtype} of shape "
+                        f"{tuple(g.shape)} (as real numbers), but the parameter is "
+                        f"{self._dtype} of shape {tuple(self._shapes[i])}")
                 if not g.is_contiguous():
                     g = g.contiguous()
             parts.append(g)
@@ -311,7 +330,7 @@ class LBFGS(torch.optim.LBFGS):
     def _evaluate_along(self, closure: Callable, x: _Vector, t, d: _Vector) -> tuple:
         """Loss and gradient at ``x + t d``; the params are ``x`` again afterwards."""
         self._ops.axpy(t, d, self._param_vector)
-        loss = float(closure())
+        loss = float(self._closure(closure))
         if self.param_groups[0].get("maximize", False):
             loss = -loss
         flat_grad = self._own(self._gather_grads())
@@ -328,6 +347,13 @@ class LBFGS(torch.optim.LBFGS):
             closure (Callable): A closure that reevaluates the model
                 and returns the loss.
         """
+        self._in_step = False  # (the first _prepare may still rebuild for new shapes)
+        try:
+            return self._step(closure)
+        finally:
+            self._in_step = False
+
+    def _step(self, closure: Callable[[], Any]):
         if len(self.param_groups) != 1:
             raise AssertionError(
                 f"Expected exactly one param_group, but got {len(self.param_groups)}")
@@ -353,6 +379,7 @@ class LBFGS(torch.optim.LBFGS):
         maximize = group.get("maximize", False)
 
         self._prepare()
+        self._in_step = True
         ops = self._ops
         # LBFGS has only global state; torch registers it on the first param
         state = self.state[self._params[0]]
@@ -361,7 +388,7 @@ class LBFGS(torch.optim.LBFGS):
         state.setdefault("n_iter", 0)
 
         # evaluate initial f(x) and df/dx
-        orig_loss = closure()
+        orig_loss = self._closure(closure)
         loss = -float(orig_loss) if maximize else float(orig_loss)
         current_evals = 1
         state["func_evals"] += 1
@@ -476,7 +503,7 @@ class LBFGS(torch.optim.LBFGS):
                     # re-evaluate the function only if not in the last iteration: in a
                     # stochastic setting there is no use in re-evaluating it here
                     with torch.enable_grad():
-                        loss = closure()
+                        loss = self._closure(closure)
                     loss = -float(loss) if maximize else float(loss)
                     flat_grad = self._gather_grads()
                     opt_cond = ops.abs_max(flat_grad) <= tolerance_grad

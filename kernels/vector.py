@@ -248,9 +248,11 @@ class TensorTable:
     """One list of tensors as the kernels see it: a device column of their addresses and a
     :class:`Layout`. Tensors must be real, contiguous, of one floating dtype and one device.
 
-    The table keeps its tensors alive, so its addresses stay valid; it sees writes to them but
-    not ``t.data = ...`` (build a new table then). Pass ``layout=`` (another table's) to share
-    the numel column and work list between lists of the same sizes.
+    The table keeps its tensors alive, so its addresses stay valid. Every operation checks,
+    before it launches, that each tensor still has the address, dtype, size and contiguity the
+    table was made with (:meth:`check`): a tensor rebound with ``t.data = ...``, resized or
+    re-viewed since is a ValueError, never a read of the old memory. Pass ``layout=``
+    (another table's) to share the numel column and work list between lists of the same sizes.
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], layout: Layout | None = None):
@@ -282,8 +284,19 @@ class TensorTable:
         self.device = first.device
         # non_blocking: torch skips the stream synchronisation a blocking copy ends with (the
         # driver stages the pageable source, so these small tables go without waiting)
-        self.addresses = torch.tensor([t.data_ptr() for t in tensors],
-                                      dtype=torch.int64).to(self.device, non_blocking=True)
+        self.pointers = [t.data_ptr() for t in tensors]
+        self.addresses = torch.tensor(self.pointers, dtype=torch.int64).to(self.device,
+                                                                           non_blocking=True)
+
+    def check(self) -> None:
+        """ValueError unless every tensor is where, and what, the table says."""
+        for t, pointer, numel in zip(self.tensors, self.pointers, self.layout.numels):
+            if (t.data_ptr() != pointer or t.numel() != numel or t.dtype != self.dtype
+                    or not t.is_contiguous()):
+                raise ValueError(
+                    f"a tensor of this vector changed after its table was made (now "
+                    f"{t.dtype} of shape {tuple(t.shape)} at {t.data_ptr():#x}): its storage "
+                    "was rebound, resized or re-viewed; make a new TensorTable")
 
 
 def _table(xs: TensorTable | Sequence[torch.Tensor], layout: Layout | None = None) -> TensorTable:
@@ -316,6 +329,8 @@ def _device_guard(device: torch.device):
 def _reduce(op: int, xs: TensorTable, ys: TensorTable, out_dtype: torch.dtype | None = None
             ) -> torch.Tensor:
     global _launches
+    xs.check()
+    ys.check()
     layout = xs.layout
     partials, counter = layout.scratch(_compute(xs.dtype))
     out = torch.empty((), dtype=out_dtype or xs.dtype, device=xs.device)
@@ -365,6 +380,8 @@ def norm(xs, norm_type: float = 2.0) -> torch.Tensor:
 
 def _elementwise(op: int, alpha, xs: TensorTable, ys: TensorTable) -> None:
     global _launches
+    xs.check()
+    ys.check()
     layout = xs.layout
     on_device = isinstance(alpha, torch.Tensor) and alpha.device == xs.device
     if isinstance(alpha, torch.Tensor):

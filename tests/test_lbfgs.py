@@ -711,3 +711,81 @@ def test_tables_refuse_what_the_kernels_cannot_read():
         kernels.dot([torch.zeros(2)], [torch.zeros(3)])
     with pytest.raises(ValueError, match="one-element"):
         kernels.axpy(torch.ones(2), [torch.zeros(2)], [torch.zeros(2)])
+
+
+# ---- a closure or a user that moves what the step works on ---------------------------------------
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_closure_that_rebinds_param_storage(backend_device, line_search_fn):
+    """A closure that re-points ``p.data`` (same values, new storage) at every call: torch
+    reads its params afresh at each operation, so the step must follow the new storage (the
+    old engine kept writing the old one)."""
+    backend, device = backend_device
+    start, loss_fn = rosenbrock(device)
+    results = []
+    for cls, extra in ((fusedopt.LBFGS, {"backend": backend}), (torch.optim.LBFGS, {})):
+        params = clone_leaves(start)
+        opt = cls(params, line_search_fn=line_search_fn, **extra, **TRAJECTORY)
+
+        def closure(opt=opt, params=params):
+            opt.zero_grad()
+            for p in params:
+                p.data = p.data.clone()
+            loss = loss_fn(params)
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            opt.step(closure)
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        assert_close(a, b, where="params after closures that rebind p.data")
+
+
+def test_closure_that_reshapes_a_param_raises(backend_device):
+    backend, device = backend_device
+    start, loss_fn = rosenbrock(device, sizes=((2, 3), (4,)))
+    params = clone_leaves(start)
+    opt = fusedopt.LBFGS(params, backend=backend, max_iter=3)
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(params)
+        loss.backward()
+        if calls:  # (after the backward: autograd itself refuses a param of a new shape)
+            params[0].data = params[0].data.reshape(3, 2)
+        calls.append(1)
+        return loss
+
+    with pytest.raises(RuntimeError, match="changed shape"):
+        opt.step(closure)
+
+
+def test_grad_of_another_size_raises(backend_device):
+    """A grad given another size through ``.data`` (torch's grad setter cannot see it): a clear
+    error, not a read past its end."""
+    backend, device = backend_device
+    x = torch.randn(8192, dtype=F64, device=device, requires_grad=True)
+    opt = fusedopt.LBFGS([x], backend=backend, max_iter=2)
+
+    def closure():
+        opt.zero_grad()
+        loss = (x ** 2).sum()
+        loss.backward()
+        x.grad.data = torch.ones(3, dtype=F64, device=device)
+        return loss
+
+    with pytest.raises(RuntimeError, match="grad of parameter 0"):
+        opt.step(closure)
+
+
+def test_vector_table_refuses_a_rebound_tensor(kernel_device):
+    xs = [torch.randn(5000, device=kernel_device), torch.randn(7, device=kernel_device)]
+    table = kernels.TensorTable(xs)
+    assert kernels.dot(table, table).item() == pytest.approx(sum(float(x @ x) for x in xs),
+                                                                rel=1e-5)
+    xs[0].data = torch.randn(3, device=kernel_device)  # the old storage is freed
+    with pytest.raises(ValueError, match="changed after its table was made"):
+        kernels.dot(table, table)
