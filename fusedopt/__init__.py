@@ -7,6 +7,7 @@ from fusedopt.backend import BACKENDS, resolve_backend
 from fusedopt.engine import FusedOptimizer
 from fusedopt.lbfgs import LBFGS
 from fusedopt.optimizers import (
+    ASGD,
     LAMB,
     SGD,
     Adadelta,
@@ -18,9 +19,11 @@ from fusedopt.optimizers import (
     NAdam,
     RAdam,
     RMSprop,
+    Rprop,
 )
 
 __version__ = "0.1.0"
 
 __all__ = ["Adam", "AdamW", "SGD", "Adagrad", "Adadelta", "RMSprop", "NAdam", "RAdam", "Adamax",
-           "Lion", "LAMB", "LBFGS", "FusedOptimizer", "BACKENDS", "resolve_backend"]
+           "Rprop", "ASGD", "Lion", "LAMB", "LBFGS", "FusedOptimizer", "BACKENDS",
+           "resolve_backend"]

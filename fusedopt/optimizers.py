@@ -239,6 +239,58 @@ class Adamax(FusedOptimizer, torch.optim.Adamax):
         return ("exp_avg", "exp_inf")
 
 
+class Rprop(FusedOptimizer, torch.optim.Rprop):
+    """torch.optim.Rprop, one fused multi-tensor launch per step.
+
+    Same arguments as :class:`torch.optim.Rprop`, plus ``backend`` (see :class:`Adam`).
+    ``step_size`` starts at the group's lr, as torch's. See :func:`fusedopt.reference.rprop`.
+    """
+
+    torch_options = ("lr", "etas", "step_sizes", "maximize")
+    algorithm = algorithms.RPROP
+
+    def _hyperparams(self, group: dict) -> dict[str, float]:
+        etaminus, etaplus = group["etas"]
+        step_size_min, step_size_max = group["step_sizes"]
+        return {"etaminus": float(etaminus), "etaplus": float(etaplus),
+                "step_size_min": float(step_size_min), "step_size_max": float(step_size_max)}
+
+    def _flags(self, group: dict) -> dict[str, bool]:
+        return {"maximize": _maximize(group)}
+
+    def _state_names(self, flags: dict[str, bool]) -> tuple[str, ...]:
+        return ("prev", "step_size")
+
+    def _state_init(self, name: str, group: dict) -> float:
+        return float(group["lr"]) if name == "step_size" else 0.0
+
+
+class ASGD(FusedOptimizer, torch.optim.ASGD):
+    """torch.optim.ASGD, one fused multi-tensor launch per step.
+
+    Same arguments as :class:`torch.optim.ASGD`, plus ``backend`` (see :class:`Adam`). The
+    per-param ``eta`` and ``mu`` are float32 scalars advanced on the device, next to ``step``.
+    See :func:`fusedopt.reference.asgd` for the math.
+    """
+
+    torch_options = ("lr", "lambd", "alpha", "t0", "weight_decay", "maximize")
+    algorithm = algorithms.ASGD
+
+    def _hyperparams(self, group: dict) -> dict[str, float]:
+        return {"lr": group["lr"], "lambd": float(group["lambd"]),
+                "alpha": float(group["alpha"]), "t0": float(group["t0"]),
+                "weight_decay": float(group["weight_decay"])}
+
+    def _flags(self, group: dict) -> dict[str, bool]:
+        return {"maximize": _maximize(group)}
+
+    def _state_names(self, flags: dict[str, bool]) -> tuple[str, ...]:
+        return ("ax",)
+
+    def _scalar_init(self, name: str, group: dict) -> float:
+        return {"eta": float(group["lr"]), "mu": 1.0}.get(name, 0.0)
+
+
 def _check_common(lr, betas, weight_decay) -> None:
     """torch.optim's checks and messages, for the optimizers torch does not have."""
     if isinstance(lr, Tensor) and lr.numel() != 1:

@@ -287,6 +287,58 @@ def lamb(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, st
     param.add_(update, alpha=-lr * trust_ratio)
 
 
+def rprop(param: Tensor, grad: Tensor, prev: Tensor, step_size: Tensor, *, step: float,
+          etaminus: float, etaplus: float, step_size_min: float, step_size_max: float,
+          maximize: bool) -> None:
+    r"""Rprop (Riedmiller & Braun, 1993), as torch.optim.Rprop.
+
+    .. math::
+        s &= \eta_+ \text{ where } g\,g_{prev} > 0, \ \eta_- \text{ where } < 0,
+            \ 1 \text{ else}, \quad \Delta \leftarrow \mathrm{clamp}(\Delta s,
+            \Delta_{min}, \Delta_{max}) \\
+        g &\leftarrow 0 \text{ where } g\,g_{prev} < 0, \quad
+        \theta \leftarrow \theta - \mathrm{sign}(g)\,\Delta, \quad g_{prev} \leftarrow g
+    """
+    grad = _signed(grad, maximize)
+    sign = grad.mul(prev).sign()
+    sign[sign.gt(0)] = etaplus
+    sign[sign.lt(0)] = etaminus
+    sign[sign.eq(0)] = 1
+    step_size.mul_(sign).clamp_(step_size_min, step_size_max)
+    grad = grad.clone(memory_format=torch.preserve_format)
+    grad[sign.eq(etaminus)] = 0
+    param.addcmul_(grad.sign(), step_size, value=-1)
+    prev.copy_(grad)
+
+
+def asgd(param: Tensor, grad: Tensor, ax: Tensor, *, step: float, eta: Tensor, mu: Tensor,
+         lr: float, lambd: float, alpha: float, t0: float, weight_decay: float,
+         maximize: bool) -> None:
+    r"""ASGD, averaged stochastic gradient descent (Polyak & Juditsky, 1992), as
+    torch.optim.ASGD. ``eta`` and ``mu`` are the param's 0-dim scalar states, advanced in
+    place after the update.
+
+    .. math::
+        \theta &\leftarrow \theta(1 - \lambda\eta_t) - \eta_t g, \quad
+        \bar\theta \leftarrow \bar\theta + \mu_t(\theta - \bar\theta)
+        \ (\bar\theta \leftarrow \theta \text{ while } \mu_t = 1) \\
+        \eta_{t+1} &= \frac{\gamma}{(1 + \lambda\gamma t)^\alpha}, \quad
+        \mu_{t+1} = \frac{1}{\max(1, t - t_0)}
+    """
+    grad = _signed(grad, maximize)
+    if weight_decay != 0:
+        grad = grad.add(param, alpha=weight_decay)
+    eta_value = eta.item()
+    param.mul_(1 - lambd * eta_value)
+    param.add_(grad, alpha=-eta_value)
+    if mu.item() != 1:
+        ax.add_(param.sub(ax).mul_(mu))
+    else:
+        ax.copy_(param)
+    eta.copy_(torch.as_tensor(lr / ((1 + lambd * lr * step) ** alpha)))
+    mu.copy_(torch.as_tensor(1 / max(1, step - t0)))
+
+
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     """The dtype torch computes in for ``dtype`` storage: float64 stays, the rest use float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -140,7 +140,12 @@ LION = Algorithm("lion", states=("exp_avg",), hyper=("lr", "beta1", "beta2", "we
 LAMB = Algorithm("lamb", states=("exp_avg", "exp_avg_sq"), hyper=_ADAM_HYPER,
                  flags=("maximize", "bias_correction"), scalars=("step",),
                  sums=("param_sq", "update_sq"))
+RPROP = Algorithm("rprop", states=("prev", "step_size"),
+                  hyper=("etaminus", "etaplus", "step_size_min", "step_size_max"),
+                  flags=("maximize",), scalars=("step",))
+ASGD = Algorithm("asgd", states=("ax",), hyper=("lr", "lambd", "alpha", "t0", "weight_decay"),
+                 flags=("maximize",), scalars=("step", "eta", "mu"))
 
 #: every declaration, by name
 ALGORITHMS = {a.name: a for a in (ADAM, SGD, ADAGRAD, ADADELTA, RMSPROP, NADAM, RADAM, ADAMAX,
-                                  LION, LAMB)}
+                                  LION, LAMB, RPROP, ASGD)}

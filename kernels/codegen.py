@@ -57,6 +57,8 @@ VARIANTS = {
     "adamax": _variant(alg.ADAMAX, alg.ADAMAX.states, {}),
     "lion": _variant(alg.LION, alg.LION.states, {}),
     "lamb": _variant(alg.LAMB, alg.LAMB.states, {"bias_correction": True}),
+    "rprop": _variant(alg.RPROP, alg.RPROP.states, {}),
+    "asgd-maximize": _variant(alg.ASGD, alg.ASGD.states, {"maximize": True}),
     "adamw+amp": _variant(alg.ADAM, ("exp_avg", "exp_avg_sq"),
                           {"decoupled_weight_decay": True}, amp=True),
     "lamb+amp": _variant(alg.LAMB, alg.LAMB.states, {"bias_correction": True}, amp=True),

@@ -394,6 +394,63 @@ def lamb(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, 
     return param, exp_avg, exp_avg_sq
 
 
+@triton.jit
+def _torch_sign(x):
+    """torch.sign as torch computes it: -1, 0 or 1, and 0 for NaN ((0 < x) - (x < 0))."""
+    return tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, 0.0)).to(x.dtype)
+
+
+@triton.jit
+def rprop(param, grad, prev, step_size, etaminus, etaplus, step_size_min, step_size_max, step,
+          MAXIMIZE: tl.constexpr):
+    """Rprop (resilient backpropagation).
+
+    s = etaplus where g*prev > 0, etaminus where < 0, else 1;  step_size = clamp(step_size*s)
+    g = 0 where g*prev < 0;  p -= sign(g) * step_size;  prev = g
+    """
+    dt = param.dtype
+    grad = _signed(grad, MAXIMIZE)
+    product = grad * prev
+    factor = tl.where(product > 0.0, etaplus.to(dt), tl.where(product < 0.0, etaminus.to(dt),
+                                                                 1.0))
+    step_size = tl.minimum(tl.maximum(step_size * factor, step_size_min.to(dt),
+                                      propagate_nan=tl.PropagateNan.ALL),
+                           step_size_max.to(dt), propagate_nan=tl.PropagateNan.ALL)
+    grad = tl.where(product < 0.0, 0.0, grad)
+    param = param - _torch_sign(grad) * step_size
+    return param, grad, step_size
+
+
+@triton.jit
+def asgd_advance(step, eta, mu, lr, lambd, alpha, t0, weight_decay, MAXIMIZE: tl.constexpr):
+    """ASGD's scalar states after step t: eta = lr / (1 + lambd lr t)^alpha,
+    mu = 1 / max(1, t - t0), in float64 and stored as float32 (as torch computes them)."""
+    t = step.to(tl.float64)
+    new_eta = lr / _exp_power(1.0 + lambd * lr * t, alpha)
+    new_mu = 1.0 / tl.maximum(t - t0, 1.0)
+    return new_eta.to(tl.float32), new_mu.to(tl.float32)
+
+
+@triton.jit
+def asgd(param, grad, ax, lr, lambd, alpha, t0, weight_decay, step, eta, mu,
+         MAXIMIZE: tl.constexpr):
+    """ASGD (averaged SGD). ``eta``, ``mu``: as stored before this step.
+
+    p *= 1 - lambd*eta;  p -= eta*g;  ax += (p - ax)*mu  (ax = p where mu == 1)
+    """
+    dt = param.dtype
+    grad = _signed(grad, MAXIMIZE)
+    param, grad = _weight_decay(param, grad, lr, weight_decay, False)
+    eta = eta.to(tl.float64)
+    param = param * (1.0 - lambd * eta).to(dt)
+    param = param - eta.to(dt) * grad
+    if mu != 1.0:
+        ax = ax + (param - ax) * mu.to(dt)
+    else:
+        ax = param
+    return param, ax
+
+
 # ---- every update, advance and terms function takes exactly what its declaration names ------
 
 

@@ -6,9 +6,10 @@ state buffer, and write the param back. For AdamW in fp32 that is
 read p, g, m, v + write p, m, v = 7 x 4 = 28 B. Dividing that by the measured
 step time gives an effective GB/s that is comparable with the copy bandwidth.
 
-The model counts only param-sized tensors; scalars (step counts, lr) are
-negligible. It is a floor: an implementation that needs two passes (LAMB's
-trust ratio) or extra temporaries moves more and shows up below the ceiling.
+The state buffers come from each optimizer's own fusedopt spec, so a new optimizer is known
+here as soon as it exists. The model counts only param-sized tensors; scalars (step counts,
+lr) are negligible. It is a floor: an implementation that needs two passes (LAMB's trust
+ratio) or extra temporaries moves more and shows up below the ceiling.
 """
 
 from __future__ import annotations
@@ -33,47 +34,34 @@ def canonical_dtype(name: str) -> str:
     return key
 
 
+def _specs() -> dict[str, type]:
+    """fusedopt's element-wise optimizers (its FusedOptimizer specs), by name, in the order
+    fusedopt exports them."""
+    import fusedopt
+
+    return {name: cls for name in fusedopt.__all__
+            if isinstance(cls := getattr(fusedopt, name), type)
+            and issubclass(cls, fusedopt.FusedOptimizer) and cls is not fusedopt.FusedOptimizer}
+
+
 def state_buffers(optimizer: str, hparams: Mapping[str, Any] | None = None) -> tuple[str, ...]:
-    """Names of the param-sized state tensors an optimizer reads and writes each step.
-
-    Names follow torch.optim's ``state`` keys. Hyperparameters that add buffers
-    (``amsgrad``, SGD/RMSprop ``momentum``, RMSprop ``centered``) are honoured.
+    """Names of the param-sized state tensors an optimizer reads and writes each step, read
+    off its fusedopt spec (the states its variant for ``hparams`` has: ``amsgrad``, SGD and
+    RMSprop ``momentum``, RMSprop ``centered`` add buffers). Names are torch.optim's state keys.
     """
-    hp = dict(hparams or {})
-    if optimizer in ("Adam", "AdamW"):
-        extra = ("max_exp_avg_sq",) if hp.get("amsgrad") else ()
-        return ("exp_avg", "exp_avg_sq", *extra)
-    if optimizer == "SGD":
-        return ("momentum_buffer",) if hp.get("momentum", 0) else ()
-    if optimizer == "Adagrad":
-        return ("sum",)
-    if optimizer == "Adadelta":
-        return ("square_avg", "acc_delta")
-    if optimizer == "RMSprop":
-        bufs = ["square_avg"]
-        if hp.get("momentum", 0):
-            bufs.append("momentum_buffer")
-        if hp.get("centered"):
-            bufs.append("grad_avg")
-        return tuple(bufs)
-    if optimizer in ("NAdam", "RAdam"):
-        return ("exp_avg", "exp_avg_sq")
-    if optimizer == "Adamax":
-        return ("exp_avg", "exp_inf")
-    if optimizer == "Lion":
-        return ("exp_avg",)
-    if optimizer == "LAMB":
-        # Floor only: the trust ratio needs norms of p and of the update, which a
-        # real implementation gets with a second pass over memory.
-        return ("exp_avg", "exp_avg_sq")
-    from .workloads import UnknownNameError
+    specs = _specs()
+    if optimizer not in specs:
+        from .workloads import UnknownNameError
 
-    raise UnknownNameError("optimizer", optimizer, list(KNOWN))
+        raise UnknownNameError("optimizer", optimizer, list(specs))
+    import torch
+
+    opt = specs[optimizer]([torch.zeros(1)], **dict(hparams or {}), backend="reference")
+    return opt._variant_states(opt._group_flags(opt.param_groups[0]))
 
 
-#: Optimizers the bytes model knows (the fusedopt family).
-KNOWN = ("Adam", "AdamW", "SGD", "Adagrad", "Adadelta", "RMSprop", "NAdam", "RAdam",
-         "Adamax", "Lion", "LAMB")  # fmt: skip
+#: Optimizers the bytes model knows: every element-wise optimizer fusedopt has.
+KNOWN = tuple(_specs())
 
 
 def bytes_per_param(

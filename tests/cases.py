@@ -197,13 +197,29 @@ CASES += [
                                  {"lr": 0.002, "eps": 1e-8, "weight_decay": 0.0})),
 ]
 
+CASES += [
+    Case("rprop-default", F.Rprop, torch.optim.Rprop, {},
+         groups=({"lr": 0.02, "etas": (0.3, 1.5)}, {"lr": 0.005, "step_sizes": (1e-4, 0.02)})),
+    Case("rprop-maximize-lr-tensor", F.Rprop, torch.optim.Rprop,
+         {"lr": 0.01, "etas": (0.4, 1.3), "step_sizes": (1e-5, 0.1), "maximize": True},
+         lr_tensor=True, groups=({"lr": 0.03}, {"lr": 0.002, "maximize": False})),
+    Case("asgd-default", F.ASGD, torch.optim.ASGD, {}, groups=_lr_groups(1e-2)),
+    Case("asgd-t0-wd-maximize", F.ASGD, torch.optim.ASGD,
+         {"lr": 0.05, "lambd": 1e-2, "alpha": 0.6, "t0": 3, "weight_decay": 0.1,
+          "maximize": True},
+         groups=_lr_groups(0.05, g1={"lambd": 1e-3, "t0": 1}, g2={"alpha": 0.9})),
+    Case("asgd-lr-tensor", F.ASGD, torch.optim.ASGD, {"lr": 0.02, "t0": 2}, lr_tensor=True,
+         groups=_lr_groups(0.02)),
+]
+
 CASE_BY_ID = {c.id: c for c in CASES}
 
 #: one representative case per optimizer class, for the costlier checks
 ONE_PER_OPTIMIZER = ("adam-amsgrad-wd", "adamw-default", "sgd-momentum-dampening-wd",
                      "adagrad-decay-init-wd", "adadelta-rho-wd-maximize",
                      "rmsprop-momentum-centered-wd", "nadam-wd-momentum-decay", "radam-wd",
-                     "adamax-wd-maximize", "lion-wd-maximize", "lamb-default")
+                     "adamax-wd-maximize", "lion-wd-maximize", "lamb-default",
+                     "rprop-default", "asgd-t0-wd-maximize")
 
 
 #: the cases the costlier interpreter checks run (the interpreter is slow; the reference

@@ -14,7 +14,8 @@ from cases import TOL, assert_states_close, clone_params, fresh_grads, set_grads
 
 import fusedopt
 
-TWINS = ["Adam", "AdamW", "SGD", "Adagrad", "Adadelta", "RMSprop", "NAdam", "RAdam", "Adamax"]
+TWINS = ["Adam", "AdamW", "SGD", "Adagrad", "Adadelta", "RMSprop", "NAdam", "RAdam", "Adamax",
+         "Rprop", "ASGD"]
 PAIRS = [pytest.param(getattr(fusedopt, name), getattr(torch.optim, name), id=name.lower())
          for name in TWINS]
 CPU = torch.device("cpu")
@@ -62,6 +63,10 @@ INVALID = [
     ("radam", {"weight_decay": -0.1}),
     ("adamax", {"lr": -0.1}), ("adamax", {"betas": (-0.1, 0.9)}), ("adamax", {"eps": -1.0}),
     ("adamax", {"weight_decay": -0.1}), ("adamax", {"lr": torch.tensor([1.0, 2.0])}),
+    ("rprop", {"lr": -0.1}), ("rprop", {"etas": (1.2, 0.5)}), ("rprop", {"etas": (0.0, 1.2)}),
+    ("rprop", {"etas": (0.5, 1.0)}), ("rprop", {"lr": torch.tensor([1.0, 2.0])}),
+    ("asgd", {"lr": -0.1}), ("asgd", {"weight_decay": -0.1}),
+    ("asgd", {"lr": torch.tensor([1.0, 2.0])}),
 ]
 CLASSES = {name.lower(): (getattr(fusedopt, name), getattr(torch.optim, name)) for name in TWINS}
 

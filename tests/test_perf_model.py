@@ -73,7 +73,7 @@ def test_describe_lists_the_traffic():
         ("Adam", {}), ("Adam", {"amsgrad": True}), ("AdamW", {}), ("SGD", {"momentum": 0.9}),
         ("SGD", {}), ("Adagrad", {}), ("Adadelta", {}), ("RMSprop", {}),
         ("RMSprop", {"momentum": 0.9, "centered": True}), ("NAdam", {}), ("RAdam", {}),
-        ("Adamax", {}),
+        ("Adamax", {}), ("Rprop", {}), ("ASGD", {}),
     ],
 )  # fmt: skip
 def test_state_buffers_match_torch_optim_state(opt, hparams):
