@@ -92,7 +92,10 @@ class TritonRunner:
         self.tensors = torch.tensor([cols[name] for name in names],
                                     dtype=torch.int64).to(device, non_blocking=True)
         self.num_tensors = n
-        self.work, self.num_work = kernels.work_list(cols["NUMEL"], device)
+        from fusedopt.kernels import skeleton
+
+        self.work, self.num_work = kernels.work_list(cols["NUMEL"], device,
+                                                     skeleton.chunk_elements(variant.dtype))
         self.done_counts = torch.zeros(n, dtype=torch.int32, device=device)
         # per-tensor sums in the opmath dtype; the update launch re-zeroes them
         self.sums = (torch.zeros(n, len(variant.algorithm.sums), device=device,

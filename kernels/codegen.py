@@ -91,7 +91,7 @@ def compile_variant(v: skeleton.Variant, kernel: str = "step", arch: int = 90):
     source = ASTSource(fn=fn, signature=signature, constexprs={
         (fn.arg_names.index(name),): value for name, value in constexprs.items()})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": skeleton.NUM_WARPS})
+                          options=dict(skeleton.LAUNCH_OPTIONS))
 
 
 def compile_ptx(name: str, dtype: str, kernel: str = "step", arch: int = 90) -> str:

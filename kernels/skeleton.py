@@ -58,12 +58,32 @@ COL_GROUP: tl.constexpr = tl.constexpr(3)
 COL_FRESH: tl.constexpr = tl.constexpr(4)
 COL_STATES: tl.constexpr = tl.constexpr(5)
 
-# Measured on the H100 prototype: BLOCK 1024-2048, 4-8 iterations, 4-8 warps all reach
-# 94-99% of copy bandwidth once loads are hinted as 16-byte aligned.
-BLOCK = 1024
-ITERS = 4
-CHUNK = BLOCK * ITERS
+# A program handles one chunk of ITERS blocks; a block is one 16-byte vector per thread per
+# tensor (BLOCK = threads x elements per 16 bytes), so every access of the aligned path is one
+# 16-byte load or store whatever the dtype. (The H100 prototype: 4-8 warps, 4-8 iterations of
+# 1-2K elements reached 94-99% of copy bandwidth once loads were hinted as aligned.)
 NUM_WARPS = 4
+THREADS = 32 * NUM_WARPS
+ITERS = 8
+# blocks whose loads are in flight while one is computed and stored
+PREFETCH = 2
+# The L-BFGS vector kernels (kernels/vector.py) keep their own fixed blocks of this size.
+BLOCK = 1024
+CHUNK = BLOCK * 4
+# Compile options of every launch (and of kernels/codegen.py): FMA contraction on, as nvcc
+# compiles torch's CUDA kernels by default, set here so that no triton upgrade changes it.
+LAUNCH_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": True}
+
+
+def vector_elements(dtype: torch.dtype) -> int:
+    """Elements in 16 bytes of ``dtype``."""
+    return 16 // dtype.itemsize
+
+
+def chunk_elements(dtype: torch.dtype) -> int:
+    """Elements one program of the step kernel handles, for ``dtype`` storage."""
+    return THREADS * vector_elements(dtype) * ITERS
+
 
 _TL_DTYPES = {
     torch.float16: tl.float16,
@@ -81,15 +101,16 @@ def columns(num_states: int, num_scalars: int) -> tuple[str, ...]:
             *(f"SCALAR{i}" for i in range(num_scalars)))
 
 
-def work_list(numels: list[int], device: torch.device) -> tuple[torch.Tensor, int]:
+def work_list(numels: list[int], device: torch.device, chunk: int = CHUNK
+              ) -> tuple[torch.Tensor, int]:
     """The chunk schedule of a tensor table: ``int64[num_work, 2]`` rows of (tensor index,
-    first element), one per CHUNK elements. An empty tensor still gets one chunk, so that the
-    per-tensor work a kernel does once (advancing ``step``) happens for it too."""
+    first element), one per ``chunk`` elements. An empty tensor still gets one chunk, so that
+    the per-tensor work a kernel does once (advancing ``step``) happens for it too."""
     numel = torch.tensor(numels, dtype=torch.int64)
-    chunks = torch.clamp((numel + CHUNK - 1) // CHUNK, min=1)
+    chunks = torch.clamp((numel + chunk - 1) // chunk, min=1)
     tensor_of = torch.repeat_interleave(torch.arange(len(numels)), chunks)
     first_chunk = torch.cumsum(chunks, 0) - chunks
-    starts = (torch.arange(len(tensor_of)) - first_chunk[tensor_of]) * CHUNK
+    starts = (torch.arange(len(tensor_of)) - first_chunk[tensor_of]) * chunk
     # non_blocking: torch skips the stream synchronisation a blocking copy ends with (the
     # driver stages the pageable source, so these small tables go without waiting)
     work = torch.stack([tensor_of, starts], dim=1).contiguous()
@@ -166,6 +187,7 @@ def constexprs(variant: Variant, kernel: str = "step", interpreting: bool = Fals
     """The constexpr arguments of ``multi_tensor_step`` (kernel="step") or
     ``multi_tensor_sums`` (kernel="sums") for ``variant``."""
     alg = variant.algorithm
+    vector = vector_elements(variant.dtype)
     common = dict(
         FLAGS=tuple(bool(f) for f in variant.flags), NUM_STATES=len(variant.states),
         NUM_HYPER=len(alg.hyper), NUM_SCALARS=len(alg.scalars), USES_STEP=alg.uses_step,
@@ -173,7 +195,8 @@ def constexprs(variant: Variant, kernel: str = "step", interpreting: bool = Fals
         NUM_SUMS=len(alg.sums), UNSCALE=variant.unscale, SKIP_ON_INF=variant.skip_on_inf,
         CLIP=variant.clip, SCALE_GRADS=variant.unscale or variant.clip,
         STORAGE=_TL_DTYPES[variant.dtype], COMPUTE=_TL_DTYPES[variant.compute],
-        BLOCK=BLOCK, ITERS=ITERS)
+        BLOCK=THREADS * vector, ITERS=ITERS, VECTOR=vector, PREFETCH=PREFETCH,
+        CHECK_ALIGNMENT=interpreting)
     if kernel == "sums":
         return dict(common, TERMS=adapter(alg, "terms", variant.states))
     return dict(common, UPDATE=adapter(alg, "update", variant.states),
@@ -198,41 +221,168 @@ def _to_storage(x, STORAGE: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr):
 
 
 @triton.jit
-def _load_block(param, grad, states, offs, mask, scaling, NUM_STATES: tl.constexpr,
-                COMPUTE: tl.constexpr, SCALE_GRADS: tl.constexpr):
-    """One block of param, grad (times ``scaling``, AMP's 1/scale and the clip coefficient,
-    when SCALE_GRADS) and the present states, in the opmath dtype."""
-    p = tl.load(param + offs, mask=mask).to(COMPUTE)
-    g = tl.load(grad + offs, mask=mask).to(COMPUTE)
+def _load_raw(param, grad, states, offs, mask, NUM_STATES: tl.constexpr):
+    """One block of the param, the grad and the present states, as stored."""
+    raw = (tl.load(param + offs, mask=mask), tl.load(grad + offs, mask=mask))
+    for i in tl.static_range(NUM_STATES):
+        raw = raw + (tl.load(states[i] + offs, mask=mask),)
+    return raw
+
+
+@triton.jit
+def _update_body(raw, param, states, offs, mask, per_tensor, acc, FN: tl.constexpr,
+                 FLAGS: tl.constexpr, NUM_STATES: tl.constexpr, NUM_SUMS: tl.constexpr,
+                 STORAGE: tl.constexpr, COMPUTE: tl.constexpr, SCALE_GRADS: tl.constexpr,
+                 ROUND_BF16_BY_HAND: tl.constexpr):
+    """One loaded block: the update in the opmath dtype, stored in the storage dtype."""
+    hyper, scalars, sums, fresh, scaling = per_tensor
+    p = raw[0].to(COMPUTE)
+    g = raw[1].to(COMPUTE)
     if SCALE_GRADS:
         g = g * scaling.to(COMPUTE)
     values = ()
     for i in tl.static_range(NUM_STATES):
-        values = values + (tl.load(states[i] + offs, mask=mask).to(COMPUTE),)
-    return p, g, values
-
-
-@triton.jit
-def _update_block(param, grad, states, offs, mask, hyper, scalars, sums, fresh, scaling,
-                  UPDATE: tl.constexpr, FLAGS: tl.constexpr, NUM_STATES: tl.constexpr,
-                  STORAGE: tl.constexpr, COMPUTE: tl.constexpr, SCALE_GRADS: tl.constexpr,
-                  ROUND_BF16_BY_HAND: tl.constexpr):
-    """Load one block, apply the update in the opmath dtype, store in the storage dtype."""
-    p, g, values = _load_block(param, grad, states, offs, mask, scaling, NUM_STATES, COMPUTE,
-                               SCALE_GRADS)
-    p, values = UPDATE(p, g, values, hyper, scalars, sums, fresh, FLAGS)
+        values = values + (raw[2 + i].to(COMPUTE),)
+    p, values = FN(p, g, values, hyper, scalars, sums, fresh, FLAGS)
     tl.store(param + offs, _to_storage(p, STORAGE, ROUND_BF16_BY_HAND), mask=mask)
     for i in tl.static_range(NUM_STATES):
         tl.store(states[i] + offs, _to_storage(values[i], STORAGE, ROUND_BF16_BY_HAND),
                  mask=mask)
+    return acc
 
 
 @triton.jit
-def _chunk(tensors, num_tensors, work, NUM_STATES: tl.constexpr, NUM_SCALARS: tl.constexpr):
+def _terms_body(raw, param, states, offs, mask, per_tensor, acc, FN: tl.constexpr,
+                FLAGS: tl.constexpr, NUM_STATES: tl.constexpr, NUM_SUMS: tl.constexpr,
+                STORAGE: tl.constexpr, COMPUTE: tl.constexpr, SCALE_GRADS: tl.constexpr,
+                ROUND_BF16_BY_HAND: tl.constexpr):
+    """One loaded block: the algorithm's terms, added to the per-lane sums (lanes outside
+    the mask count 0)."""
+    hyper, scalars, sums, fresh, scaling = per_tensor
+    p = raw[0].to(COMPUTE)
+    g = raw[1].to(COMPUTE)
+    if SCALE_GRADS:
+        g = g * scaling.to(COMPUTE)
+    values = ()
+    for i in tl.static_range(NUM_STATES):
+        values = values + (raw[2 + i].to(COMPUTE),)
+    terms = FN(p, g, values, hyper, scalars, (), fresh, FLAGS)
+    summed = ()
+    for i in tl.static_range(NUM_SUMS):
+        term = terms[i]
+        if mask is not None:
+            term = tl.where(mask, term, 0.0)
+        summed = summed + (acc[i] + term,)
+    return summed
+
+
+@triton.jit
+def _walk(param, grad, states, start, numel, shift, same, per_tensor, acc,
+          BODY: tl.constexpr, FN: tl.constexpr, FLAGS: tl.constexpr,
+          NUM_STATES: tl.constexpr, NUM_SUMS: tl.constexpr, STORAGE: tl.constexpr,
+          COMPUTE: tl.constexpr, SCALE_GRADS: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr,
+          BLOCK: tl.constexpr, ITERS: tl.constexpr, VECTOR: tl.constexpr,
+          PREFETCH: tl.constexpr):
+    """Apply BODY to every element of this program's chunk, in the fastest way its memory
+    allows. A block is one 16-byte vector per thread per tensor.
+
+    * ``same``: every tensor is 16-byte aligned after the same ``shift`` (elements; 0 for
+      aligned storage). In that frame, a full chunk takes the unmasked path: 16-byte accesses
+      hinted as aligned, the loads of the next two blocks issued before the current block is
+      stored (the compiler cannot move loads past stores through pointers it cannot tell
+      apart, so the code issues them early itself). A tensor's tail takes masked 16-byte
+      accesses up to its last whole vector, then masked elements; the first chunk also does
+      the ``shift`` elements before the frame, element by element.
+    * otherwise (tensors misaligned differently): masked element accesses, correct for any
+      address.
+    """
+    lanes = tl.arange(0, BLOCK)
+    if same:
+        framed_param = tl.multiple_of(param + shift, 16)
+        framed_grad = tl.multiple_of(grad + shift, 16)
+        framed_states = ()
+        for i in tl.static_range(NUM_STATES):
+            framed_states = framed_states + (tl.multiple_of(states[i] + shift, 16),)
+        end = numel - shift  # the frame's length
+        if start + BLOCK * ITERS <= end:
+            # The loads of the next PREFETCH blocks are in flight while a block is computed
+            # and stored; block i + PREFETCH is loaded right after block i is stored, when its
+            # registers are free again.
+            ring = ()
+            for i in tl.static_range(PREFETCH):
+                if i < ITERS:
+                    ring = ring + (_load_raw(framed_param, framed_grad, framed_states,
+                                             _block_offsets(start, i, lanes, BLOCK), None,
+                                             NUM_STATES),)
+            for i in tl.static_range(ITERS):
+                acc = BODY(ring[0], framed_param, framed_states,
+                           _block_offsets(start, i, lanes, BLOCK), None, per_tensor, acc, FN,
+                           FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS,
+                           ROUND_BF16_BY_HAND)
+                rest = ()
+                for j in tl.static_range(1, PREFETCH):
+                    if i + j < ITERS:
+                        rest = rest + (ring[j],)
+                if i + PREFETCH < ITERS:
+                    rest = rest + (_load_raw(framed_param, framed_grad, framed_states,
+                                             _block_offsets(start, i + PREFETCH, lanes, BLOCK),
+                                             None, NUM_STATES),)
+                ring = rest
+        else:
+            # the end of the last whole vector (VECTOR elements: 16 bytes)
+            whole = tl.multiple_of(start + tl.maximum(end - start, 0) // VECTOR * VECTOR, VECTOR)
+            for i in tl.static_range(ITERS):
+                offs = _block_offsets(start, i, lanes, BLOCK)
+                mask = offs < whole
+                raw = _load_raw(framed_param, framed_grad, framed_states, offs, mask,
+                                NUM_STATES)
+                acc = BODY(raw, framed_param, framed_states, offs, mask, per_tensor, acc, FN,
+                           FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS,
+                           ROUND_BF16_BY_HAND)
+            offs = whole + lanes  # the last, partial vector, element by element
+            mask = (offs < end) & (offs < start + BLOCK * ITERS)
+            acc = _elements(framed_param, framed_grad, framed_states, offs, mask, per_tensor,
+                            acc, BODY, FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE,
+                            SCALE_GRADS, ROUND_BF16_BY_HAND)
+        if (start == 0) & (shift > 0):  # the elements before the frame
+            acc = _elements(param, grad, states, lanes, lanes < tl.minimum(shift, numel),
+                            per_tensor, acc, BODY, FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE,
+                            COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND)
+    else:
+        for i in tl.static_range(ITERS):
+            offs = start + i * BLOCK + lanes
+            acc = _elements(param, grad, states, offs, offs < numel, per_tensor, acc, BODY,
+                            FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS,
+                            ROUND_BF16_BY_HAND)
+    return acc
+
+
+@triton.jit
+def _block_offsets(start, i, lanes, BLOCK: tl.constexpr):
+    """The element offsets of block ``i`` of a chunk, hinted contiguous and aligned."""
+    base = tl.multiple_of(start + i * BLOCK, BLOCK)
+    return tl.max_contiguous(tl.multiple_of(base + lanes, BLOCK), BLOCK)
+
+
+@triton.jit
+def _elements(param, grad, states, offs, mask, per_tensor, acc, BODY: tl.constexpr,
+              FN: tl.constexpr, FLAGS: tl.constexpr, NUM_STATES: tl.constexpr,
+              NUM_SUMS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
+              SCALE_GRADS: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr):
+    """BODY on masked elements, with no claim on alignment (any address)."""
+    raw = _load_raw(param, grad, states, offs, mask, NUM_STATES)
+    return BODY(raw, param, states, offs, mask, per_tensor, acc, FN, FLAGS, NUM_STATES,
+                NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND)
+
+
+@triton.jit
+def _chunk(tensors, num_tensors, work, NUM_STATES: tl.constexpr, NUM_SCALARS: tl.constexpr,
+           VECTOR: tl.constexpr):
     """This program's chunk and its tensor's row of the table, read once: (tensor index,
-    first element, numel, aligned, param address, grad address, state addresses, group,
-    fresh pointer, scalar pointers); ``aligned``: every address is 16-byte aligned. The
-    kernels cast the addresses to pointers themselves: a pointer made in here and hinted
+    first element, numel, shift, same, param address, grad address, state addresses, group,
+    fresh pointer, scalar pointers). ``same``: every tensor's address has the same remainder
+    modulo 16 bytes, and ``shift`` elements bring them all to a 16-byte boundary. The kernels
+    cast the addresses to pointers themselves: a pointer made in here and hinted
     ``multiple_of`` on the aligned path carried the hint onto the masked path too (triton
     3.9, seen in the PTX), which would misread unaligned storage (tests/test_codegen.py)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -242,11 +392,12 @@ def _chunk(tensors, num_tensors, work, NUM_STATES: tl.constexpr, NUM_SCALARS: tl
     numel = tl.load(row + COL_NUMEL * num_tensors)
     param_addr = tl.load(row + COL_PARAM * num_tensors)
     grad_addr = tl.load(row + COL_GRAD * num_tensors)
-    bits = param_addr | grad_addr
+    offset = param_addr & 15
+    differs = (grad_addr & 15) != offset
     state_addrs = ()
     for i in tl.static_range(NUM_STATES):
         addr = tl.load(row + (COL_STATES + i) * num_tensors)
-        bits = bits | addr
+        differs = differs | ((addr & 15) != offset)
         state_addrs = state_addrs + (addr,)
     scalar_ptrs = ()
     for i in tl.static_range(NUM_SCALARS):
@@ -254,8 +405,23 @@ def _chunk(tensors, num_tensors, work, NUM_STATES: tl.constexpr, NUM_SCALARS: tl
         scalar_ptrs = scalar_ptrs + (addr.to(tl.pointer_type(tl.float32)),)
     group = tl.load(row + COL_GROUP * num_tensors)
     fresh_ptr = tl.load(row + COL_FRESH * num_tensors).to(tl.pointer_type(tl.int64))
-    return (t, start, numel, (bits & 15) == 0, param_addr, grad_addr, state_addrs, group,
+    shift = ((16 - offset) & 15) // (16 // VECTOR)  # (addresses are whole elements apart)
+    return (t, start, numel, shift, differs == 0, param_addr, grad_addr, state_addrs, group,
             fresh_ptr, scalar_ptrs)
+
+
+@triton.jit
+def _frame_misaligned(param_addr, grad_addr, state_addrs, shift, NUM_STATES: tl.constexpr,
+                      VECTOR: tl.constexpr):
+    """Whether some 16-byte access of the aligned paths would be misaligned after the shift.
+    Checked under the interpreter (real CPU addresses), where a misaligned access would still
+    read the right values: a program that finds one updates nothing, so that the tests
+    comparing with the reference see it (the interpreter ignores tl.device_assert)."""
+    skip = shift * (16 // VECTOR)
+    bits = (param_addr + skip) | (grad_addr + skip)
+    for i in tl.static_range(NUM_STATES):
+        bits = bits | (state_addrs[i] + skip)
+    return (bits & 15) != 0
 
 
 @triton.jit
@@ -313,92 +479,61 @@ def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_coun
                       ADVANCE: tl.constexpr, NUM_SUMS: tl.constexpr, FINISH: tl.constexpr,
                       UNSCALE: tl.constexpr, SKIP_ON_INF: tl.constexpr, CLIP: tl.constexpr,
                       SCALE_GRADS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
-                      BLOCK: tl.constexpr, ITERS: tl.constexpr,
-                      ROUND_BF16_BY_HAND: tl.constexpr):
+                      BLOCK: tl.constexpr, ITERS: tl.constexpr, VECTOR: tl.constexpr,
+                      PREFETCH: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr,
+                      CHECK_ALIGNMENT: tl.constexpr):
     """Update one chunk of one tensor; the grid is the whole work list of the bucket."""
     run, scaling = _amp(grad_scale, found_inf, clip_coef, UNSCALE, SKIP_ON_INF, CLIP)
     if run:
-        _step_chunk(tensors, num_tensors, work, hyper, hyper_stride, done_counts, sums,
-                    scaling, UPDATE, FLAGS, NUM_STATES, NUM_HYPER, NUM_SCALARS, USES_STEP,
-                    ADVANCE, NUM_SUMS, FINISH, SCALE_GRADS, STORAGE, COMPUTE, BLOCK, ITERS,
-                    ROUND_BF16_BY_HAND)
-
-
-@triton.jit
-def _step_chunk(tensors, num_tensors, work, hyper, hyper_stride, done_counts, sums, scaling,
-                UPDATE: tl.constexpr, FLAGS: tl.constexpr, NUM_STATES: tl.constexpr,
-                NUM_HYPER: tl.constexpr, NUM_SCALARS: tl.constexpr, USES_STEP: tl.constexpr,
-                ADVANCE: tl.constexpr, NUM_SUMS: tl.constexpr, FINISH: tl.constexpr,
-                SCALE_GRADS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
-                BLOCK: tl.constexpr, ITERS: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr):
-    (t, start, numel, aligned, param_addr, grad_addr, state_addrs, group, fresh_ptr,
-     scalar_ptrs) = _chunk(tensors, num_tensors, work, NUM_STATES, NUM_SCALARS)
-    param = param_addr.to(tl.pointer_type(STORAGE))
-    grad = grad_addr.to(tl.pointer_type(STORAGE))
-    states = ()
-    for i in tl.static_range(NUM_STATES):
-        states = states + (state_addrs[i].to(tl.pointer_type(STORAGE)),)
-    fresh = tl.load(fresh_ptr)
-    hyper_values, scalars, advanced, sum_values = _per_tensor(
-        hyper + group * hyper_stride, scalar_ptrs, sums, t, fresh, FLAGS, NUM_HYPER,
-        NUM_SCALARS, USES_STEP, ADVANCE, NUM_SUMS)
-
-    lanes = tl.arange(0, BLOCK)
-    if (start + BLOCK * ITERS <= numel) & aligned:
-        # Triton cannot see the alignment of a pointer read from a table: state it, so that
-        # loads and stores are 16-byte vectors. It was just checked on the addresses.
-        param = tl.multiple_of(param, 16)
-        grad = tl.multiple_of(grad, 16)
-        hinted = ()
+        (t, start, numel, shift, same, param_addr, grad_addr, state_addrs, group, fresh_ptr,
+         scalar_ptrs) = _chunk(tensors, num_tensors, work, NUM_STATES, NUM_SCALARS, VECTOR)
+        if CHECK_ALIGNMENT:
+            misaligned = _frame_misaligned(param_addr, grad_addr, state_addrs, shift,
+                                           NUM_STATES, VECTOR)
+            numel = tl.where(same & misaligned, 0, numel)
+        param = param_addr.to(tl.pointer_type(STORAGE))
+        grad = grad_addr.to(tl.pointer_type(STORAGE))
+        states = ()
         for i in tl.static_range(NUM_STATES):
-            hinted = hinted + (tl.multiple_of(states[i], 16),)
-        for i in tl.static_range(ITERS):
-            base = tl.multiple_of(start + i * BLOCK, BLOCK)
-            offs = tl.max_contiguous(tl.multiple_of(base + lanes, BLOCK), BLOCK)
-            _update_block(param, grad, hinted, offs, None, hyper_values, scalars, sum_values,
-                          fresh, scaling, UPDATE, FLAGS, NUM_STATES, STORAGE, COMPUTE,
-                          SCALE_GRADS, ROUND_BF16_BY_HAND)
-    else:
-        # A tensor's tail, or storage that is not 16-byte aligned (an odd view): masked,
-        # unhinted loads that are correct for any address.
-        for i in tl.static_range(ITERS):
-            offs = start + i * BLOCK + lanes
-            _update_block(param, grad, states, offs, offs < numel, hyper_values, scalars,
-                          sum_values, fresh, scaling, UPDATE, FLAGS, NUM_STATES, STORAGE,
-                          COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND)
-
-    if FINISH or fresh != 0:
-        # The last program to finish a tensor stores its new scalars, clears its sums and its
-        # fresh flag for the next step: acq_rel atomics order every other program's reads of
-        # the old values before these writes. No extra launch.
-        chunks = tl.maximum((numel + BLOCK * ITERS - 1) // (BLOCK * ITERS), 1)
-        # every warp of this program has read the old scalars and sums before one thread's
-        # release below can let the tensor's last program overwrite them
-        tl.debug_barrier()
-        if tl.atomic_add(done_counts + t, 1) == chunks - 1:
-            for i in tl.static_range(NUM_SCALARS):
-                tl.store(scalar_ptrs[i], advanced[i])
-            for i in tl.static_range(NUM_SUMS):
-                tl.store(sums + NUM_SUMS * t + i, 0.0)
-            if fresh != 0:
-                tl.store(fresh_ptr, 0)
-            tl.store(done_counts + t, 0)
+            states = states + (state_addrs[i].to(tl.pointer_type(STORAGE)),)
+        fresh = tl.load(fresh_ptr)
+        hyper_values, scalars, advanced, sum_values = _per_tensor(
+            hyper + group * hyper_stride, scalar_ptrs, sums, t, fresh, FLAGS, NUM_HYPER,
+            NUM_SCALARS, USES_STEP, ADVANCE, NUM_SUMS)
+        _walk(param, grad, states, start, numel, shift, same,
+              (hyper_values, scalars, sum_values, fresh, scaling), tl.full([], 0, tl.int32),
+              _update_body, UPDATE,
+              FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND,
+              BLOCK, ITERS, VECTOR, PREFETCH)
+        if FINISH or fresh != 0:
+            _finish(t, numel, done_counts, scalar_ptrs, advanced, sums, fresh, fresh_ptr,
+                    NUM_SCALARS, NUM_SUMS, BLOCK * ITERS)
 
 
 @triton.jit
-def _terms_block(param, grad, states, offs, mask, hyper, scalars, fresh, scaling,
-                 TERMS: tl.constexpr, FLAGS: tl.constexpr, NUM_STATES: tl.constexpr,
-                 NUM_SUMS: tl.constexpr, COMPUTE: tl.constexpr, SCALE_GRADS: tl.constexpr):
-    """TERMS of one block, with lanes past the end counted as 0."""
-    p, g, values = _load_block(param, grad, states, offs, mask, scaling, NUM_STATES, COMPUTE,
-                               SCALE_GRADS)
-    terms = TERMS(p, g, values, hyper, scalars, (), fresh, FLAGS)
-    if mask is not None:
-        masked = ()
+def _finish(t, numel, done_counts, scalar_ptrs, advanced, sums, fresh, fresh_ptr,
+            NUM_SCALARS: tl.constexpr, NUM_SUMS: tl.constexpr, CHUNK: tl.constexpr):
+    """The tensor's last program to finish stores its new scalars, clears its sums and its
+    fresh flag for the next step. A one-chunk tensor's program is its last; of several, the
+    last is told by an acq_rel atomic counter, which orders every other program's reads of
+    the old values before these writes. No extra launch."""
+    chunks = tl.maximum((numel + CHUNK - 1) // CHUNK, 1)
+    # every warp of this program has read the old scalars and sums before the stores below
+    # (or before one thread's release lets the tensor's last program make them)
+    tl.debug_barrier()
+    if chunks == 1:
+        last = True
+    else:
+        last = tl.atomic_add(done_counts + t, 1) == chunks - 1
+    if last:
+        for i in tl.static_range(NUM_SCALARS):
+            tl.store(scalar_ptrs[i], advanced[i])
         for i in tl.static_range(NUM_SUMS):
-            masked = masked + (tl.where(mask, terms[i], 0.0),)
-        terms = masked
-    return terms
+            tl.store(sums + NUM_SUMS * t + i, 0.0)
+        if fresh != 0:
+            tl.store(fresh_ptr, 0)
+        if chunks > 1:
+            tl.store(done_counts + t, 0)
 
 
 @triton.jit(do_not_specialize=["num_tensors", "hyper_stride"])
@@ -409,67 +544,37 @@ def multi_tensor_sums(tensors, num_tensors, work, hyper, hyper_stride, sums, gra
                       ADVANCE: tl.constexpr, NUM_SUMS: tl.constexpr, UNSCALE: tl.constexpr,
                       SKIP_ON_INF: tl.constexpr, CLIP: tl.constexpr,
                       SCALE_GRADS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
-                      BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                      BLOCK: tl.constexpr, ITERS: tl.constexpr, VECTOR: tl.constexpr,
+                      PREFETCH: tl.constexpr, CHECK_ALIGNMENT: tl.constexpr):
     """Per-tensor sums of the algorithm's terms over the same tables: one read-only launch
     whose results (``sums[t, :]``) the update launch reads (LAMB's trust-ratio norms).
     Skipped, like the update, where AMP found an inf (the sums then stay zero)."""
     run, scaling = _amp(grad_scale, found_inf, clip_coef, UNSCALE, SKIP_ON_INF, CLIP)
     if run:
-        _sums_chunk(tensors, num_tensors, work, hyper, hyper_stride, sums, scaling, TERMS,
-                    FLAGS, NUM_STATES, NUM_HYPER, NUM_SCALARS, USES_STEP, ADVANCE, NUM_SUMS,
-                    SCALE_GRADS, STORAGE, COMPUTE, BLOCK, ITERS)
-
-
-@triton.jit
-def _sums_chunk(tensors, num_tensors, work, hyper, hyper_stride, sums, scaling,
-                TERMS: tl.constexpr, FLAGS: tl.constexpr, NUM_STATES: tl.constexpr,
-                NUM_HYPER: tl.constexpr, NUM_SCALARS: tl.constexpr, USES_STEP: tl.constexpr,
-                ADVANCE: tl.constexpr, NUM_SUMS: tl.constexpr, SCALE_GRADS: tl.constexpr,
-                STORAGE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
-                ITERS: tl.constexpr):
-    (t, start, numel, aligned, param_addr, grad_addr, state_addrs, group, fresh_ptr,
-     scalar_ptrs) = _chunk(tensors, num_tensors, work, NUM_STATES, NUM_SCALARS)
-    param = param_addr.to(tl.pointer_type(STORAGE))
-    grad = grad_addr.to(tl.pointer_type(STORAGE))
-    states = ()
-    for i in tl.static_range(NUM_STATES):
-        states = states + (state_addrs[i].to(tl.pointer_type(STORAGE)),)
-    fresh = tl.load(fresh_ptr)
-    hyper_values, scalars, advanced, sum_values = _per_tensor(
-        hyper + group * hyper_stride, scalar_ptrs, sums, t, fresh, FLAGS, NUM_HYPER,
-        NUM_SCALARS, USES_STEP, None, 0)
-    lanes = tl.arange(0, BLOCK)
-    acc = ()
-    for _ in tl.static_range(NUM_SUMS):
-        acc = acc + (tl.zeros([BLOCK], dtype=COMPUTE),)
-    if (start + BLOCK * ITERS <= numel) & aligned:
-        param = tl.multiple_of(param, 16)
-        grad = tl.multiple_of(grad, 16)
-        hinted = ()
+        (t, start, numel, shift, same, param_addr, grad_addr, state_addrs, group, fresh_ptr,
+         scalar_ptrs) = _chunk(tensors, num_tensors, work, NUM_STATES, NUM_SCALARS, VECTOR)
+        if CHECK_ALIGNMENT:
+            misaligned = _frame_misaligned(param_addr, grad_addr, state_addrs, shift,
+                                           NUM_STATES, VECTOR)
+            numel = tl.where(same & misaligned, 0, numel)
+        param = param_addr.to(tl.pointer_type(STORAGE))
+        grad = grad_addr.to(tl.pointer_type(STORAGE))
+        states = ()
         for i in tl.static_range(NUM_STATES):
-            hinted = hinted + (tl.multiple_of(states[i], 16),)
-        for it in tl.static_range(ITERS):
-            base = tl.multiple_of(start + it * BLOCK, BLOCK)
-            offs = tl.max_contiguous(tl.multiple_of(base + lanes, BLOCK), BLOCK)
-            terms = _terms_block(param, grad, hinted, offs, None, hyper_values, scalars,
-                                 fresh, scaling, TERMS, FLAGS, NUM_STATES, NUM_SUMS, COMPUTE,
-                                 SCALE_GRADS)
-            summed = ()
-            for i in tl.static_range(NUM_SUMS):
-                summed = summed + (acc[i] + terms[i],)
-            acc = summed
-    else:
-        for it in tl.static_range(ITERS):
-            offs = start + it * BLOCK + lanes
-            terms = _terms_block(param, grad, states, offs, offs < numel, hyper_values,
-                                 scalars, fresh, scaling, TERMS, FLAGS, NUM_STATES, NUM_SUMS,
-                                 COMPUTE, SCALE_GRADS)
-            summed = ()
-            for i in tl.static_range(NUM_SUMS):
-                summed = summed + (acc[i] + terms[i],)
-            acc = summed
-    for i in tl.static_range(NUM_SUMS):
-        tl.atomic_add(sums + NUM_SUMS * t + i, tl.sum(acc[i], axis=0))
+            states = states + (state_addrs[i].to(tl.pointer_type(STORAGE)),)
+        fresh = tl.load(fresh_ptr)
+        hyper_values, scalars, advanced, sum_values = _per_tensor(
+            hyper + group * hyper_stride, scalar_ptrs, sums, t, fresh, FLAGS, NUM_HYPER,
+            NUM_SCALARS, USES_STEP, None, 0)
+        acc = ()
+        for _ in tl.static_range(NUM_SUMS):
+            acc = acc + (tl.zeros([BLOCK], dtype=COMPUTE),)
+        acc = _walk(param, grad, states, start, numel, shift, same,
+                    (hyper_values, scalars, sum_values, fresh, scaling), acc, _terms_body,
+                    TERMS, FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS, False,
+                    BLOCK, ITERS, VECTOR, PREFETCH)
+        for i in tl.static_range(NUM_SUMS):
+            tl.atomic_add(sums + NUM_SUMS * t + i, tl.sum(acc[i], axis=0))
 
 
 def launch(variant: Variant, *, tensors: torch.Tensor, num_tensors: int, work: torch.Tensor,
@@ -490,11 +595,11 @@ def launch(variant: Variant, *, tensors: torch.Tensor, num_tensors: int, work: t
     amp = tuple(t if t is not None else hyper for t in (grad_scale, found_inf, clip_coef))
     if variant.algorithm.sums:
         multi_tensor_sums[(num_work,)](tensors, num_tensors, work, hyper, hyper.shape[1], sums,
-                                       *amp, **constexprs(variant, "sums"),
-                                       num_warps=NUM_WARPS)
+                                       *amp, **constexprs(variant, "sums", interpreting),
+                                       **LAUNCH_OPTIONS)
         _launches += 1
     multi_tensor_step[(num_work,)](
         tensors, num_tensors, work, hyper, hyper.shape[1], done_counts,
         sums if sums is not None else done_counts, *amp,
-        **constexprs(variant, "step", interpreting), num_warps=NUM_WARPS)
+        **constexprs(variant, "step", interpreting), **LAUNCH_OPTIONS)
     _launches += 1

@@ -44,8 +44,8 @@ def report():
 def test_sm90_codegen(report, name, dtype):
     spec = variant(name)
     counts = report[f"{name}/{dtype}"]
-    # Every element of a full aligned chunk moves in 16-byte vectors: param, grad and states
-    # are read, all but the grad written. (The masked tail path adds no 16-byte accesses.)
+    # Every element of an aligned chunk moves in 16-byte vectors: param, grad and states are
+    # read, all but the grad written (the element-by-element paths add none).
     tensors = 2 + len(spec.states)
     assert counts["ld_16B"] == tensors * _vectors(dtype)
     assert counts["st_16B"] == (tensors - 1) * _vectors(dtype)
@@ -75,7 +75,6 @@ def test_sm90_codegen_sums_launch(report, name, dtype):
 
 
 def _vectors(dtype: str) -> int:
-    """16-byte vectors per thread for one tensor of a full chunk."""
-    element_bytes = {"fp32": 4, "bf16": 2, "fp64": 8}[dtype]
-    threads = 32 * skeleton.NUM_WARPS
-    return skeleton.ITERS * skeleton.BLOCK * element_bytes // (16 * threads)
+    """16-byte vectors per thread for one tensor: one per block, on both 16-byte paths (a full
+    chunk, and a tail up to its last whole vector)."""
+    return 2 * skeleton.ITERS
