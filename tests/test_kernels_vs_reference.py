@@ -32,6 +32,7 @@ from cases import (
     set_grads,
 )
 
+import fusedopt
 from fusedopt import kernels
 
 STEPS = 8
@@ -358,3 +359,27 @@ def test_overflowing_grads_match_reference(case, kernel_device):
                 torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5,
                                            atol=1e-6, equal_nan=True,
                                            msg=f"step {step}")
+
+
+@pytest.mark.parametrize("step", [999.0, 123_456.0], ids=["step1000", "step123456"])
+@pytest.mark.parametrize("name", ["Adam", "NAdam", "RAdam", "Adamax", "LAMB"])
+def test_bias_corrections_at_late_steps_match_python_powers(name, step, kernel_device):
+    """The kernels take beta**t as exp(t log beta) in float64 (no per-program loop); torch.optim
+    (and the reference) take Python's float64 pow. In float64 storage, at late steps, the two
+    updates must agree to float64 rounding."""
+    gen = torch.Generator().manual_seed(int(step))
+    start = torch.randn(300, generator=gen, dtype=torch.float64)
+    results = []
+    for backend, device in (("triton", kernel_device), ("reference", "cpu")):
+        p = torch.nn.Parameter(start.clone().to(device))
+        opt = getattr(fusedopt, name)([p], lr=1e-2, betas=(0.9, 0.9999), backend=backend)
+        p.grad = torch.randn(300, generator=torch.Generator().manual_seed(1),
+                             dtype=torch.float64).to(device)
+        opt.step()  # creates the state; then pretend it is late in training
+        opt.state[p]["step"].fill_(step)
+        for i in range(2):
+            p.grad = torch.randn(300, generator=torch.Generator().manual_seed(2 + i),
+                                 dtype=torch.float64).to(device)
+            opt.step()
+        results.append(p.detach().cpu())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-14)
