@@ -102,6 +102,7 @@ class TritonRunner:
                                  dtype=variant.compute) if variant.algorithm.sums else None)
         self.param_strides = [p.stride() for p in table.local_params]
         self.hyper_rows: list[tuple] | None = None
+        self.prepared: dict = {}  # this bucket's compiled kernels, launched without the JIT
         self.grad_copies: dict[int, Tensor] | None = None
         self.accept_grads(table.grad_pointers)
 
@@ -139,7 +140,7 @@ class TritonRunner:
                 variant, tensors=self.tensors, num_tensors=self.num_tensors, work=self.work,
                 num_work=self.num_work, hyper=self.hyper, done_counts=self.done_counts,
                 sums=self.sums, grad_scale=grad_scale, found_inf=found_inf,
-                clip_coef=clip_coef, interpreting=interpreting())
+                clip_coef=clip_coef, interpreting=interpreting(), prepared=self.prepared)
 
     def _update_hyper_table(self, hyper: list[dict[str, Any]], capturable: bool) -> None:
         """Re-upload the float64 hyperparameter table when a value changed. Tensor values on

@@ -577,29 +577,81 @@ def multi_tensor_sums(tensors, num_tensors, work, hyper, hyper_stride, sums, gra
             tl.atomic_add(sums + NUM_SUMS * t + i, tl.sum(acc[i], axis=0))
 
 
+class Prepared:
+    """One kernel with its constexprs fixed, launched straight through triton's compiled kernel
+    once the JIT has compiled it.
+
+    A plain ``kernel[grid](...)`` call binds and specialises every argument, hashes the cache
+    key and checks the kernel's globals on the host at every launch: 15-20 µs, as much as
+    the host work of a whole step of a small model. After the first (JIT) launch has compiled
+    the kernel, the same compiled kernel is launched the way triton's own launcher does
+    (``CompiledKernel.run`` with every argument in signature order), as long as each pointer
+    argument keeps the 16-byte alignment the kernel was specialised for; otherwise, and under
+    the interpreter, the JIT path runs.
+    """
+
+    def __init__(self, fn, constexprs: dict):
+        self.fn = fn
+        self.constexprs = constexprs
+        self.compiled = None
+        self.aligned: tuple[bool, ...] | None = None
+
+    def bound(self, args: tuple) -> list:
+        """Every argument in the kernel's signature order: the runtime ones as given (in that
+        order), the constexprs from the dict, as triton's binder returns them."""
+        runtime = iter(args)
+        return [self.constexprs[name] if name in self.constexprs else next(runtime)
+                for name in self.fn.arg_names]
+
+    def __call__(self, grid: tuple[int], args: tuple) -> None:
+        aligned = tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
+        if self.compiled is not None and aligned == self.aligned:
+            from triton import knobs
+            from triton.runtime.driver import driver
+
+            kernel = self.compiled
+            bound = self.bound(args)
+            device = driver.active.get_current_device()
+            stream = driver.active.get_current_stream(device)
+            metadata = kernel.launch_metadata(grid, stream, *bound)
+            kernel.run(grid[0], 1, 1, stream, kernel.function, kernel.packed_metadata, metadata,
+                       knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound)
+            return
+        kernel = self.fn[grid](*args, **self.constexprs, **LAUNCH_OPTIONS)
+        if (kernel is not None and hasattr(kernel, "launch_metadata") and hasattr(kernel, "run")
+                and not hasattr(kernel, "result")):
+            self.compiled, self.aligned = kernel, aligned
+
+
 def launch(variant: Variant, *, tensors: torch.Tensor, num_tensors: int, work: torch.Tensor,
            num_work: int, hyper: torch.Tensor, done_counts: torch.Tensor,
            sums: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
            found_inf: torch.Tensor | None = None, clip_coef: torch.Tensor | None = None,
-           interpreting: bool = False) -> None:
+           interpreting: bool = False, prepared: dict | None = None) -> None:
     """Launch one multi-tensor step over a bucket's tables (see the module docstring).
 
     With sums (an algorithm that declares them), first one :func:`multi_tensor_sums` launch
     fills ``sums`` (``[num_tensors, len(algorithm.sums)]`` in the opmath dtype, zero on entry;
     the step launch zeroes it again). ``grad_scale`` / ``found_inf``: AMP's float32 scalars on
     this device, and ``clip_coef`` a float32 scalar the grads are multiplied by; present
-    exactly when ``variant`` says so.
+    exactly when ``variant`` says so. ``prepared``: a dict the caller keeps for its launches
+    (a bucket's): its :class:`Prepared` kernels skip the JIT's per-call binding.
     """
     global _launches
+    prepared = {} if prepared is None else prepared
     # unused pointer arguments get any tensor of the right kind: they are never read
     amp = tuple(t if t is not None else hyper for t in (grad_scale, found_inf, clip_coef))
     if variant.algorithm.sums:
-        multi_tensor_sums[(num_work,)](tensors, num_tensors, work, hyper, hyper.shape[1], sums,
-                                       *amp, **constexprs(variant, "sums", interpreting),
-                                       **LAUNCH_OPTIONS)
+        kernel = prepared.get(("sums", variant))
+        if kernel is None:
+            kernel = prepared[("sums", variant)] = Prepared(
+                multi_tensor_sums, constexprs(variant, "sums", interpreting))
+        kernel((num_work,), (tensors, num_tensors, work, hyper, hyper.shape[1], sums, *amp))
         _launches += 1
-    multi_tensor_step[(num_work,)](
-        tensors, num_tensors, work, hyper, hyper.shape[1], done_counts,
-        sums if sums is not None else done_counts, *amp,
-        **constexprs(variant, "step", interpreting), **LAUNCH_OPTIONS)
+    kernel = prepared.get(("step", variant))
+    if kernel is None:
+        kernel = prepared[("step", variant)] = Prepared(
+            multi_tensor_step, constexprs(variant, "step", interpreting))
+    kernel((num_work,), (tensors, num_tensors, work, hyper, hyper.shape[1], done_counts,
+                         sums if sums is not None else done_counts, *amp))
     _launches += 1

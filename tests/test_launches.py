@@ -244,3 +244,65 @@ def test_param_retyped_after_its_state_exists_raises_before_any_update(kernel_de
     with pytest.raises(ValueError, match="'exp_avg' is torch.float32"):
         opt.step()
     assert_unchanged(opt, params, before)
+
+
+def test_prepared_launch_passes_every_argument_in_signature_order(monkeypatch):
+    """After the JIT's first launch has compiled the kernel, the next ones call the compiled
+    kernel directly, as triton's own launcher does: every argument in signature order
+    (constexprs in their places), the grid, the current stream. A pointer argument whose
+    16-byte alignment differs from the compiled kernel's goes back through the JIT.
+    (Checked with stand-ins here: no GPU in CI; the gpu-marked tests run the real thing.)"""
+    import importlib
+
+    from fusedopt.kernels import skeleton
+
+    driver_module = importlib.import_module("triton.runtime.driver")
+
+    calls = []
+
+    class Compiled:
+        function, packed_metadata = "function", "packed"
+
+        def launch_metadata(self, grid, stream, *args):
+            return ("metadata", grid, stream, len(args))
+
+        def run(self, *args):
+            calls.append(("run", args))
+
+    class JIT:
+        arg_names = skeleton.multi_tensor_step.arg_names
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append(("jit", grid, args, kwargs))
+                return Compiled()
+            return launch
+
+    class Active:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return f"stream{device}"
+
+    monkeypatch.setattr(type(driver_module.driver), "active", property(lambda self: Active()))
+    constexprs = {name: f"const-{name}" for name in JIT.arg_names if name.isupper()}
+    kernel = skeleton.Prepared(JIT(), constexprs)
+    tensors = [torch.zeros(4) for _ in range(8)]
+    runtime = (tensors[0], 7, tensors[1], tensors[2], 3, tensors[3], tensors[4], tensors[5],
+               tensors[6], tensors[7])
+    kernel((5,), runtime)
+    kernel((5,), runtime)
+    assert [c[0] for c in calls] == ["jit", "run"]
+    assert calls[0][2] == runtime and calls[0][3] == {**constexprs, **skeleton.LAUNCH_OPTIONS}
+    args = calls[1][1]
+    assert args[:9] == (5, 1, 1, "stream0", "function", "packed",
+                        ("metadata", (5,), "stream0", len(JIT.arg_names)), args[7], args[8])
+    bound = dict(zip(JIT.arg_names, args[9:]))
+    assert len(args[9:]) == len(JIT.arg_names)
+    runtime_names = [n for n in JIT.arg_names if n not in constexprs]
+    assert [bound[n] for n in runtime_names] == list(runtime)
+    assert all(bound[n] == v for n, v in constexprs.items())
+    odd = torch.zeros(8)[1:5]  # 4 bytes past its storage's (aligned) start
+    kernel((5,), (odd, *runtime[1:]))
+    assert [c[0] for c in calls] == ["jit", "run", "jit"]
