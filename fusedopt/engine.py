@@ -32,8 +32,8 @@ from fusedopt.backend import check_backend_name, resolve_backend
 from fusedopt.kernels.algorithms import Algorithm
 from fusedopt.kernels.variant import Variant
 from fusedopt.state import StateOfBucket, WatchedStates, check_existing_state
-from fusedopt.table import TensorTable
-from fusedopt.tensors import check_grad, check_param, is_dtensor, real_dtype
+from fusedopt.table import TensorTable, WrittenMemory
+from fusedopt.tensors import check_grad, check_param, is_dtensor, local, real_dtype, span
 from fusedopt.twin import check_options, torch_twin, twin_constructor
 
 
@@ -288,9 +288,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         groups = self.param_groups
         flags = [self._group_flags(g) for g in groups]
-        if type(self.state) is not WatchedStates:  # reassigned: by the user, or unpickled
-            self._record_engine()
-        if (self._buckets is None or self.state.changes[0] != self._seen_state_changes
+        # A mapping the user assigned to ``optimizer.state`` is torch's state from then on (what
+        # they put in it later must be used): nobody counts its changes, so every step rebuilds.
+        watched = type(self.state) is WatchedStates
+        if (self._buckets is None or not watched
+                or self.state.changes[0] != self._seen_state_changes
                 or not self._same_groups(flags)):
             self._buckets = self._make_buckets(flags)
         clip_coef = self._pending_clip_coefficient()  # raises if the grads changed under it
@@ -302,18 +304,62 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._buckets = self._make_buckets(flags)
                 for bucket in self._buckets:
                     bucket.gather()
+            rebuilt = self._check_memory()
         except BaseException:
             for bucket in self._buckets:
                 bucket.pending = None  # do not keep this step's grads alive
             raise
-        self._clip = None  # used once (or dropped: the grads it measured are gone)
+        self._clip = None  # used once
         hyper = [self._group_hyper(g) for g in groups]
         capturable = any(g.get("capturable", False) for g in groups)
         for bucket in self._buckets:
             bucket.run(hyper, grad_scale, found_inf, clip_coef, capturable)
-        self._seen_state_changes = self.state.changes[0]  # our own state writes included
+        if rebuilt:  # the memory of the tables just built, for the next steps' new grads
+            self._written = self._written_memory(self._tables_memory())
+        if watched:
+            self._seen_state_changes = self.state.changes[0]  # our own state writes included
         self.last_step_skipped = self._skipped_flag(found_inf)
         return loss
+
+    def _check_memory(self) -> bool:
+        """Before any bucket runs: nothing one launch writes (params, states, scalar states,
+        over every bucket) shares memory with anything else it writes or reads (grads).
+        Checked in full where a bucket rebuilds; only the new grads otherwise. Returns whether
+        a bucket rebuilds."""
+        if any(b.pending[0] == "rebuild" for b in self._buckets):
+            written, grads = [], []
+            for bucket in self._buckets:
+                bucket.memory(written, grads)
+            memory = self._written_memory(written)
+            grads = [(g, name) for g, name in grads if g.device.type != "meta"]
+            pointers = [g.data_ptr() for g, _ in grads]
+            sizes = torch.tensor([g.numel() * g.element_size() for g, _ in grads],
+                                 dtype=torch.int64)
+            memory.check_grads(pointers, sizes, lambda k: grads[k][1]())
+            return True
+        written_memory = self.__dict__.get("_written")
+        for bucket in self._buckets:
+            if bucket.pending[0] == "grads" and written_memory is not None:
+                table = bucket.table
+                written_memory.check_grads(bucket.pending[3], table.grad_bytes,
+                                           lambda k, b=bucket: b._name(b.live[k]))
+        return False
+
+    def _written_memory(self, written: list) -> WrittenMemory:
+        return WrittenMemory(written, f"fusedopt.{type(self).__name__}")
+
+    def _tables_memory(self) -> list:
+        written = []
+        for bucket in self._buckets:
+            table = bucket.table
+            if table is None or not table.params or table.params[0].device.type == "meta":
+                continue
+            for k, p in enumerate(table.local_params):
+                name = bucket._namer(bucket.live[k])
+                written.append((span(p), lambda name=name: f"parameter {name()}"))
+            for t in table.owned:
+                written.append((span(t), lambda: "an optimizer state"))
+        return written
 
     def _same_groups(self, flags: list[dict[str, bool]]) -> bool:
         """Whether every group holds the same param objects, with the same flags, as when the
@@ -391,17 +437,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         (p = 1, 2 or inf; other p and complex grads use torch's norms), and ``c`` stays on the
         device: the next ``step()`` multiplies the grads by it inside its update kernel, which
         is torch's result as long as the grads are the ones measured here. The step checks
-        that they are: the same tensors, unmodified (version counter), at the same address.
-        If every grad was replaced or dropped since (``zero_grad``, a closure that zeroes and
-        recomputes them), ``c`` is dropped, as torch's clipped grads would have been. If some
-        were modified in place (a second backward that accumulates, ``g.add_(...)``), the
-        step raises before changing anything: torch would have clipped the old values, which
-        are gone. Under a GradScaler call ``scaler.unscale_(opt)`` first, as torch documents.
-        Returns the total norm ``n`` (a 0-dim tensor, as torch's).
+        that they are: the same tensors, unmodified (version counter), at the same address,
+        and no param that had no grad has one. Otherwise (a second backward that accumulates,
+        ``g.add_(...)``, grads replaced, a closure that zeroes and recomputes them) the step
+        raises before changing anything: torch would have scaled the grads as they were.
+        ``optimizer.zero_grad()`` drops a pending coefficient. A second call before the step
+        measures the grads as the first left them (its norm is the first's coefficient times
+        theirs) and compounds the coefficients, as two torch calls would. A change made
+        through ``g.data`` escapes the check (it bumps no version counter; autograd does not
+        see it either). Under a GradScaler call ``scaler.unscale_(opt)`` first, as torch
+        documents. Returns the total norm ``n`` (a 0-dim tensor, as torch's).
         """
         norm_type = float(norm_type)
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        grads = [p.grad for p in params]
+        every = [p for g in self.param_groups for p in g["params"]]
+        grads = [p.grad for p in every if p.grad is not None]
+        pending = self._pending_clip_coefficient()  # a clip before this one, still unapplied
         self._clip = None
         if not grads:
             return torch.tensor(0.0)
@@ -425,34 +475,37 @@ class FusedOptimizer(torch.optim.Optimizer):
                  else torch.linalg.vector_norm(torch.stack(norms), norm_type))
         if is_dtensor(total):  # FSDP2: the norm over every shard, on every process
             total = total.full_tensor()
+        if pending is not None:  # torch's grads are scaled by it: so is their norm
+            total = total * pending.to(total.device, total.dtype)
         if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
             raise RuntimeError(
                 f"The total norm of order {norm_type} for gradients from `parameters` is "
                 "non-finite, so it cannot be clipped. To disable this error and scale the "
                 "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
-        self._clip = _PendingClip(torch.clamp(max_norm / (total + 1e-6), max=1.0), params,
-                                  grads)
+        coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        if pending is not None:
+            coefficient = coefficient * pending.to(coefficient.device, coefficient.dtype)
+        self._clip = _PendingClip(coefficient, every)
         return total
 
     def _pending_clip_coefficient(self) -> Tensor | None:
         """The coefficient of the last ``clip_grad_norm_`` if the grads are still the ones it
-        measured; None if they were all replaced (torch's clipped grads were discarded);
-        RuntimeError if some changed in place (torch's result cannot be rebuilt)."""
+        measured (None if there is none); RuntimeError if they are not (torch's result cannot
+        be rebuilt then)."""
         clip = self.__dict__.get("_clip")
         if clip is None:
             return None
         verdict = clip.verdict()
         if verdict == "unchanged":
             return clip.coefficient
-        if verdict == "replaced":
-            self._clip = None
-            return None
         self._clip = None
         raise RuntimeError(
             f"fusedopt.{type(self).__name__}.clip_grad_norm_: {verdict} after the norm was "
-            "taken and before step(); torch.nn.utils.clip_grad_norm_ would have scaled the old "
-            "values, which are gone. Clip right before step() (after the last backward), or "
-            "use torch.nn.utils.clip_grad_norm_. Nothing was updated.")
+            "taken; torch.nn.utils.clip_grad_norm_ would have scaled the grads as they were, "
+            "and fusedopt applies the coefficient in the step, so it cannot give torch's "
+            "result. Clip right before step() (after the last backward; optimizer.zero_grad() "
+            "drops a pending clip), or use torch.nn.utils.clip_grad_norm_. Nothing was "
+            "updated.")
 
     def _multi_tensor_norm(self, grads: list[Tensor], norm_type: float) -> Tensor:
         """The p-norm (1, 2 or inf) of same-device, same-dtype grads as one vector: one
@@ -487,7 +540,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 members.setdefault(key, []).append((p, index))
         self._group_params = [list(g["params"]) for g in self.param_groups]
         self._group_flags_seen = flags
-        self._seen_state_changes = self.state.changes[0]
+        self._seen_state_changes = getattr(self.state, "changes", [-1])[0]
         return [_Bucket(self, device, dtype, flags[entries[0][1]], entries)
                 for (device, dtype, _), entries in members.items()]
 
@@ -496,29 +549,28 @@ _GRAD = operator.attrgetter("grad")
 
 
 class _PendingClip:
-    """A clip coefficient and the grads it was measured on, to tell at the step whether they
-    are still those grads: same tensors, same version counter, same address and layout."""
+    """A clip coefficient and the grads it was measured on (every param's, None included), to
+    tell at the step whether they are still those grads: same tensors, same version counter,
+    same address and layout. (A change made through ``g.data``, which autograd does not see
+    either, bumps no version counter: that one escapes.)"""
 
-    def __init__(self, coefficient: Tensor, params: list[Tensor], grads: list[Tensor]):
+    def __init__(self, coefficient: Tensor, params: list[Tensor]):
         self.coefficient = coefficient
         self.params = params
-        self.grads = grads
-        self.versions = [g._version for g in grads]
-        self.pointers = [g.data_ptr() for g in grads]
-        self.layouts = [(g.dtype, g.shape, g.stride()) for g in grads]
+        self.grads = [p.grad for p in params]
+        self.marks = [None if g is None else (g._version, g.data_ptr(), g.dtype, g.shape,
+                                              g.stride()) for g in self.grads]
 
     def verdict(self) -> str:
-        """"unchanged", "replaced" (no grad measured is still its param's), or what changed."""
-        current = [p.grad for p in self.params]
-        kept = [now is then for now, then in zip(current, self.grads)]
-        if not any(kept):
-            return "replaced"
-        if not all(kept):
-            return "some grads were replaced (and others kept)"
-        for g, version, pointer, layout in zip(current, self.versions, self.pointers,
-                                               self.layouts):
-            if (g._version != version or g.data_ptr() != pointer
-                    or (g.dtype, g.shape, g.stride()) != layout):
+        """"unchanged", or what changed since the clip."""
+        for p, then, mark in zip(self.params, self.grads, self.marks):
+            now = p.grad
+            if then is None:
+                if now is not None:
+                    return "a parameter without a grad at the clip got one"
+            elif now is not then:
+                return "a grad was replaced (or dropped)"
+            elif (now._version, now.data_ptr(), now.dtype, now.shape, now.stride()) != mark:
                 return "a grad was modified in place (or its storage rebound)"
         return "unchanged"
 
@@ -558,6 +610,7 @@ class _Bucket:
         self.runner: Any = None
         self.grads_seen: list[Tensor | None] | None = None  # grads the table was made with
         self.unwatched: list[tuple[dict, list]] = []
+        self.live: list[int] = []  # the members the table holds (those with a grad)
         self.exposures_seen = -1  # optimizer.state's exposure count at the last gather
         self.pending: tuple | None = None  # what gather() decided, for run()
 
@@ -572,7 +625,8 @@ class _Bucket:
         """Read this step's grads and check what changed; raises before anything changes."""
         grads = list(map(_GRAD, self.members))
         table = self.table
-        exposures = self.opt.state.exposures[0]
+        counter = getattr(self.opt.state, "exposures", None)  # (none: a mapping of the user's)
+        exposures = counter[0] if counter is not None else -2
         exposed, self.exposures_seen = exposures != self.exposures_seen, exposures
         if table is not None and self._dicts_intact():
             if all(map(operator.is_, grads, self.grads_seen)):
@@ -588,6 +642,41 @@ class _Bucket:
                         return
         self._check_all(grads)
         self.pending = ("rebuild", grads)
+
+    def memory(self, written: list, grads: list) -> None:
+        """Add (span, describe) of what this bucket's launch writes this step (params with a
+        grad, their existing states and scalar states: states yet to be created are new
+        memory) to ``written``, and (grad, describe) of its grads to ``grads``."""
+        pending = self.pending
+        if pending[0] != "rebuild":
+            table = self.table
+            if table is None or not table.params or table.params[0].device.type == "meta":
+                return
+            for k, p in enumerate(table.local_params):
+                name = self._namer(self.live[k])
+                written.append((span(p), lambda name=name: f"parameter {name()}"))
+            written.extend((span(t), lambda: "an optimizer state") for t in table.owned)
+            step_grads = pending[2] if pending[0] == "grads" else table.grads
+            grads.extend((local(g), self._namer(self.live[k]))
+                         for k, g in enumerate(step_grads))
+            return
+        names = (*self.variant.states, *self.opt.algorithm.scalars)
+        for i, g in enumerate(pending[1]):
+            p = self.members[i]
+            if g is None or p.device.type == "meta":
+                continue
+            name = self._namer(i)
+            written.append((span(p), lambda name=name: f"parameter {name()}"))
+            state = self.opt.state.get(p)
+            for n in names:
+                value = dict.get(state, n) if isinstance(state, dict) else None
+                if isinstance(value, Tensor) and value.device == p.device:
+                    written.append((span(value),
+                                    lambda name=name, n=n: f"state {n!r} of {name()}"))
+            grads.append((local(g), name))
+
+    def _namer(self, i: int) -> Callable[[], str]:
+        return lambda: self._name(i)
 
     def _same_params_have_grads(self, grads: list[Tensor | None]) -> bool:
         if not self.any_missing:  # the usual case: every param has one (a C-level pass)
@@ -652,13 +741,14 @@ class _Bucket:
         """State, table and runner for the params that have grads now."""
         from fusedopt.runners import ReferenceRunner, TritonRunner
 
-        live = [i for i, g in enumerate(grads) if g is not None]
+        live = self.live = [i for i, g in enumerate(grads) if g is not None]
         params = [self.members[i] for i in live]
         groups = [self.group_of[i] for i in live]
         state = StateOfBucket(self.opt, params, groups, self.variant.states)
         self.table = None
         table = TensorTable(params, [grads[i] for i in live], state.states, state.scalars,
-                            lambda k: self._name(live[k]), self.owner, self.sharded)
+                            lambda k: self._name(live[k]), self.owner, self.sharded,
+                            self.opt.__dict__.get("_new_state", ()))
         if not live:
             self.runner = None  # nothing to update until a param has a grad
         elif self.backend == "triton":

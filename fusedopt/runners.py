@@ -80,12 +80,20 @@ class TritonRunner:
         names = kernels.columns(len(variant.states), len(variant.algorithm.scalars))
         self.columns = {name: i for i, name in enumerate(names)}
         cols: dict[str, list[int]] = {name: [0] * n for name in names}
+        self.state_copies: list[tuple[Tensor, Tensor]] = []
         for k, p in enumerate(table.local_params):
             cols["PARAM"][k] = p.data_ptr()
             cols["NUMEL"][k] = real(p).numel()
             cols["GROUP"][k] = groups[k]
             cols["FRESH"][k] = (fresh[k] if fresh[k] is not None else self.not_new).data_ptr()
             for j, s in enumerate(table.local_states[k]):
+                if s.stride() != p.stride():
+                    # The kernel indexes param and states alike: a state laid out otherwise
+                    # (assigned by hand, torch updates it by logical index) is updated through
+                    # a copy in the param's layout, copied back after the launch.
+                    copy = torch.empty_like(p)
+                    self.state_copies.append((s, copy))
+                    s = copy
                 cols[f"STATE{j}"][k] = s.data_ptr()
             for j, s in enumerate(table.scalars[k]):
                 cols[f"SCALAR{j}"][k] = s.data_ptr()
@@ -131,6 +139,8 @@ class TritonRunner:
             found_inf: Tensor | None, clip_coef: Tensor | None, capturable: bool) -> None:
         for k, copy in self.grad_copies.items():
             copy.copy_(self.table.local_grads[k])
+        for state, copy in self.state_copies:
+            copy.copy_(state)
         self._update_hyper_table(hyper, capturable)
         variant = self.variant.with_amp(grad_scale is not None, found_inf is not None,
                                         clip_coef is not None)
@@ -141,6 +151,8 @@ class TritonRunner:
                 num_work=self.num_work, hyper=self.hyper, done_counts=self.done_counts,
                 sums=self.sums, grad_scale=grad_scale, found_inf=found_inf,
                 clip_coef=clip_coef, interpreting=interpreting(), prepared=self.prepared)
+        for state, copy in self.state_copies:
+            state.copy_(copy)
 
     def _update_hyper_table(self, hyper: list[dict[str, Any]], capturable: bool) -> None:
         """Re-upload the float64 hyperparameter table when a value changed. Tensor values on

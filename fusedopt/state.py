@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fusedopt.tensors import describe, local
+from fusedopt.tensors import describe
 
 
 class WatchedDict(dict):
@@ -108,9 +108,9 @@ class StateOfBucket:
     names them; ``scalars[k]``: its float32 0-dim scalar states in the algorithm's order;
     ``fresh[k]``: its "state created, not yet updated" flag (an int64 device scalar, or None).
     Missing state is created at the spec's initial value, in the param's layout; existing
-    state in another layout is copied into the param's (same values), so that one flat index
-    walks param, grad and states alike. What this step created is remembered (``created``)
-    so that a step that fails before its update can forget it again.
+    state is used as it is, the very tensor (torch updates that object, whatever its
+    layout). What this step created is remembered (``created``) so that a step that fails
+    before its update can forget it again.
     """
 
     def __init__(self, opt, params: list[Tensor], groups: list[int], names: tuple[str, ...]):
@@ -166,12 +166,8 @@ class StateOfBucket:
                          if init else torch.zeros_like(p, memory_format=torch.preserve_format))
                 fresh = True
                 self.created.append((state, name))
-            elif local(value).stride() != local(p).stride():
-                # e.g. a contiguous state loaded for a channels_last param: same values,
-                # the param's layout, so that one flat index addresses both.
-                value = torch.empty_like(p).copy_(value)
-            state[name] = value
-            tensors.append(value)
+                state[name] = value
+            tensors.append(value)  # (in its own layout: the triton runner copes, see there)
         return tensors, fresh
 
     def _scalars(self, p: Tensor, state: dict, group: dict) -> list[Tensor]:

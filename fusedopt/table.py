@@ -22,8 +22,9 @@ What is checked when:
   is above the table's own), at every step until nobody does. Otherwise they cannot have
   changed, and a step does not look at them: the check costs O(params), not O(tensors).
 
-The table also refuses, when built, tensors the kernel would write twice or read while writing:
-two params (or states) sharing memory, a grad sharing memory with a param or state.
+:class:`WrittenMemory` refuses, before any bucket runs, tensors one launch would write twice or
+read while writing, across every bucket of the optimizer: two params (or states) sharing
+memory, a grad sharing memory with a param or a state.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ from __future__ import annotations
 import array
 import operator
 import sys
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from fusedopt.tensors import local, overlapping, span
+from fusedopt.tensors import local, overlapping
 
 _bulk_pointers = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 try:  # dynamo's C++ tensor guard: dtype, device, shape, strides (and requires_grad, keys)
@@ -104,6 +107,44 @@ def _layout(t: Tensor) -> tuple:
     return t.dtype, t.device, t.shape, t.stride()
 
 
+class WrittenMemory:
+    """The memory a step writes (params, states, scalar states, over every bucket), as sorted
+    byte spans, and the checks that nothing shares it: pairwise when the tables are (re)built,
+    against new grads at every step that brings some (one vectorised search).
+
+    ``written``: (span, description) of each tensor the step writes; meta tensors (no memory)
+    are left out by the caller.
+    """
+
+    def __init__(self, written: list[tuple[tuple[int, int], Callable[[], str]]], owner: str):
+        self.owner = owner
+        clash = overlapping([span for span, _ in written])
+        if clash is not None:
+            first, second = (written[i][1]() for i in clash)
+            raise ValueError(f"{owner}: {first} and {second} share memory; each parameter (and "
+                             "each of its states) must have its own memory (a parameter given "
+                             "twice, or storage shared by hand?)")
+        spans = sorted(span for span, _ in written if span[1] > span[0])
+        # a sentinel span before every address, so that every grad has a span before it
+        self.starts = torch.tensor([-1] + [s for s, _ in spans], dtype=torch.int64)
+        self.ends = torch.tensor([-1] + [e for _, e in spans], dtype=torch.int64)
+
+    def check_grads(self, pointers: list[int], sizes: torch.Tensor,
+                    name_of: Callable[[int], str]) -> None:
+        """ValueError if a grad (its address and size in bytes) overlaps written memory: the
+        last span starting before the grad's end must end before its start."""
+        if not pointers:
+            return
+        starts = torch.frombuffer(array.array("q", pointers), dtype=torch.int64)
+        ends = starts + sizes
+        before = torch.searchsorted(self.starts, ends) - 1
+        hits = (self.ends[before] > starts) & (ends > starts)
+        if hits.any():
+            raise ValueError(f"{self.owner}: the grad of {name_of(int(hits.nonzero()[0]))} "
+                             "shares memory with a parameter or an optimizer state, which the "
+                             "step writes")
+
+
 class TensorTable:
     """The tensors of one launch, checked, with their addresses and layouts remembered.
 
@@ -111,13 +152,15 @@ class TensorTable:
     ``scalars[k]``: the k-th param's state tensors and float32 scalar states; ``name_of(k)``:
     a readable name of the k-th param, for errors. With ``sharded`` (FSDP2's DTensors), the
     memory checked and addressed is each tensor's local shard: ``local_params``,
-    ``local_grads``, ``local_states`` (the same lists otherwise).
+    ``local_grads``, ``local_states`` (the same lists otherwise). ``own_weak_references``:
+    the container of the optimizer's own weak references to state tensors (``in`` tells).
     """
 
     def __init__(self, params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]],
                  scalars: list[list[Tensor]], name_of: Callable[[int], str], owner: str,
-                 sharded: bool = False):
+                 sharded: bool = False, own_weak_references: Any = ()):
         self.params, self.grads, self.name_of, self.owner = params, grads, name_of, owner
+        self.own_weak_references = own_weak_references
         self.states, self.scalars, self.sharded = states, scalars, sharded
         self.local_params = self._local(params)
         self.local_grads = self._local(grads)
@@ -134,53 +177,11 @@ class TensorTable:
         self.owned_addresses = Addresses(self.owned)
         self.owned_layouts = Layouts(self.owned)
         self.owned_checked = False  # no step has checked the states since the table was built
-        self._check_aliasing()
+        self.grad_bytes = torch.tensor([g.numel() * g.element_size() for g in self.local_grads],
+                                       dtype=torch.int64)
 
     def _local(self, tensors: list[Tensor]) -> list[Tensor]:
         return [local(t) for t in tensors] if self.sharded else tensors
-
-    # ---- memory the kernel writes -------------------------------------------------------------
-
-    def _check_aliasing(self) -> None:
-        """No two written tensors (params, states, scalars) share memory, and no grad shares
-        memory with a written one: the kernel would race with itself (torch.optim, a loop
-        over params, would update such memory twice, or read a grad it already changed)."""
-        if not self.params or self.params[0].device.type == "meta":
-            return  # nothing is written on the meta device
-        written = [span(t) for t in (*self.local_params, *self.owned)]
-        clash = overlapping(written)
-        if clash is not None:
-            raise ValueError(f"{self.owner}: {self._what(clash[0])} and {self._what(clash[1])} "
-                             "share memory; each parameter (and each of its states) must have "
-                             "its own (a parameter given twice, or storage shared by hand?)")
-        spans = sorted((s, e) for s, e in written if e > s)
-        # a sentinel span before every address, so that every grad has a span before it
-        self._written_starts = torch.tensor([-1] + [s for s, _ in spans], dtype=torch.int64)
-        self._written_ends = torch.tensor([-1] + [e for _, e in spans], dtype=torch.int64)
-        self._grad_bytes = torch.tensor([g.numel() * g.element_size()
-                                         for g in self.local_grads], dtype=torch.int64)
-        self._check_grads_apart(self.watched_addresses.pointers[len(self.params):])
-
-    def _check_grads_apart(self, grad_pointers: list[int]) -> None:
-        """No grad overlaps a written span: the last span starting before a grad's end must
-        end before its start (one vectorised search over the sorted spans)."""
-        starts = torch.frombuffer(array.array("q", grad_pointers), dtype=torch.int64)
-        ends = starts + self._grad_bytes
-        before = torch.searchsorted(self._written_starts, ends) - 1
-        hits = (self._written_ends[before] > starts) & (ends > starts)
-        if hits.any():
-            k = int(hits.nonzero()[0])
-            raise ValueError(f"{self.owner}: the grad of {self.name_of(k)} shares memory with a "
-                             "parameter or an optimizer state, which the step writes")
-
-    def _what(self, index: int) -> str:
-        n = len(self.params)
-        if index < n:
-            return f"parameter {self.name_of(index)}"
-        flat = [(k, "state") for k, ss in enumerate(self.states) for _ in ss]
-        flat += [(k, "scalar state") for k, ss in enumerate(self.scalars) for _ in ss]
-        k, kind = flat[index - n]
-        return f"a {kind} of {self.name_of(k)}"
 
     # ---- the per-step checks ------------------------------------------------------------------
 
@@ -212,23 +213,25 @@ class TensorTable:
             return True
         if not (self.owned_addresses.same(self.owned) and self.owned_layouts.same(self.owned)):
             return False
+        # Held by nobody else, not even weakly (the optimizer's own weak references: the
+        # new-state flags are keyed by the first state of a param)
+        ours = self.own_weak_references
         self.owned_checked = not self.sharded and all(
             map(operator.eq, map(sys.getrefcount, self.owned),
-                [OWN_REFERENCES] * len(self.owned)))
+                [OWN_REFERENCES] * len(self.owned))) and all(
+            weakref.getweakrefcount(t) == (t in ours) for t in self.owned)
         return True
 
     def check_new_grads(self, grads: list[Tensor]) -> list[int] | None:
         """New grad objects for the same params: their addresses if they have the layout of
-        the grads they replace (so the checks made of those still hold) and share no memory
-        with what the step writes (else ValueError); None if a layout differs (the caller
-        then checks them one by one and rebuilds). Changes nothing: see :meth:`take_grads`."""
+        the grads they replace (so the checks made of those still hold); None if a layout
+        differs (the caller then checks them one by one and rebuilds). Changes nothing: see
+        :meth:`take_grads`. (That they share no memory with what the step writes is
+        :class:`WrittenMemory`'s check.)"""
         local_grads = self._local(grads)
         if not self.grad_layouts.same(local_grads):
             return None
-        pointers = list(map(Tensor.data_ptr, local_grads))
-        if hasattr(self, "_written_starts"):
-            self._check_grads_apart(pointers)
-        return pointers
+        return list(map(Tensor.data_ptr, local_grads))
 
     def take_grads(self, grads: list[Tensor], pointers: list[int]) -> None:
         """Make checked new grads (:meth:`check_new_grads`) the table's."""

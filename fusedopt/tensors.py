@@ -48,11 +48,14 @@ def is_dense(t: Tensor) -> bool:
 
 
 def span(t: Tensor) -> tuple[int, int]:
-    """The bytes a dense tensor (or its local shard) occupies: [first, last + 1). Empty for
-    an empty tensor."""
+    """The bytes a tensor (or its local shard) can touch: [first, last + 1); empty for an empty
+    tensor. (For a dense tensor, numel * element size; strides are non-negative in torch.)"""
     t = local(t)
     start = t.data_ptr()
-    return start, start + t.numel() * t.element_size()
+    if t.numel() == 0:
+        return start, start
+    last = sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
 
 
 def describe(t: Tensor) -> str:

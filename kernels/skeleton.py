@@ -67,9 +67,11 @@ THREADS = 32 * NUM_WARPS
 ITERS = 8
 # blocks whose loads are in flight while one is computed and stored
 PREFETCH = 2
-# The L-BFGS vector kernels (kernels/vector.py) keep their own fixed blocks of this size.
+# The L-BFGS vector kernels (kernels/vector.py) and work lists made without a chunk size keep
+# fixed blocks of this size, VECTOR_ITERS per chunk.
 BLOCK = 1024
-CHUNK = BLOCK * 4
+VECTOR_ITERS = 4
+CHUNK = BLOCK * VECTOR_ITERS
 # Compile options of every launch (and of kernels/codegen.py): FMA contraction on, as nvcc
 # compiles torch's CUDA kernels by default, set here so that no triton upgrade changes it.
 LAUNCH_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": True}
@@ -332,28 +334,30 @@ def _walk(param, grad, states, start, numel, shift, same, per_tensor, acc,
             # the end of the last whole vector (VECTOR elements: 16 bytes)
             whole = tl.multiple_of(start + tl.maximum(end - start, 0) // VECTOR * VECTOR, VECTOR)
             for i in tl.static_range(ITERS):
-                offs = _block_offsets(start, i, lanes, BLOCK)
-                mask = offs < whole
-                raw = _load_raw(framed_param, framed_grad, framed_states, offs, mask,
-                                NUM_STATES)
-                acc = BODY(raw, framed_param, framed_states, offs, mask, per_tensor, acc, FN,
-                           FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS,
-                           ROUND_BF16_BY_HAND)
-            offs = whole + lanes  # the last, partial vector, element by element
-            mask = (offs < end) & (offs < start + BLOCK * ITERS)
-            acc = _elements(framed_param, framed_grad, framed_states, offs, mask, per_tensor,
-                            acc, BODY, FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE,
-                            SCALE_GRADS, ROUND_BF16_BY_HAND)
+                if start + i * BLOCK < whole:  # (blocks past the end are skipped whole)
+                    offs = _block_offsets(start, i, lanes, BLOCK)
+                    mask = offs < whole
+                    raw = _load_raw(framed_param, framed_grad, framed_states, offs, mask,
+                                    NUM_STATES)
+                    acc = BODY(raw, framed_param, framed_states, offs, mask, per_tensor, acc,
+                               FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE,
+                               SCALE_GRADS, ROUND_BF16_BY_HAND)
+            if whole < end:  # the last, partial vector, element by element
+                offs = whole + lanes
+                acc = _elements(framed_param, framed_grad, framed_states, offs, offs < end,
+                                per_tensor, acc, BODY, FN, FLAGS, NUM_STATES, NUM_SUMS,
+                                STORAGE, COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND)
         if (start == 0) & (shift > 0):  # the elements before the frame
             acc = _elements(param, grad, states, lanes, lanes < tl.minimum(shift, numel),
                             per_tensor, acc, BODY, FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE,
                             COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND)
     else:
         for i in tl.static_range(ITERS):
-            offs = start + i * BLOCK + lanes
-            acc = _elements(param, grad, states, offs, offs < numel, per_tensor, acc, BODY,
-                            FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS,
-                            ROUND_BF16_BY_HAND)
+            if start + i * BLOCK < numel:
+                offs = start + i * BLOCK + lanes
+                acc = _elements(param, grad, states, offs, offs < numel, per_tensor, acc, BODY,
+                                FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS,
+                                ROUND_BF16_BY_HAND)
     return acc
 
 

@@ -44,8 +44,8 @@ from fusedopt.kernels import interpreting as _interpreting
 from fusedopt.kernels.skeleton import (
     _TL_DTYPES,
     BLOCK,
-    ITERS,
     NUM_WARPS,
+    VECTOR_ITERS,
     _to_storage,
     work_list,
 )
@@ -338,7 +338,7 @@ def _reduce(op: int, xs: TensorTable, ys: TensorTable, out_dtype: torch.dtype | 
         _reduce_kernel[(layout.num_work,)](
             xs.addresses, ys.addresses, layout.numel_column, layout.work, layout.num_work,
             partials, counter, out, OP=op, STORAGE=_TL_DTYPES[xs.dtype],
-            COMPUTE=_TL_DTYPES[_compute(xs.dtype)], BLOCK=BLOCK, ITERS=ITERS,
+            COMPUTE=_TL_DTYPES[_compute(xs.dtype)], BLOCK=BLOCK, ITERS=VECTOR_ITERS,
             COMBINE=COMBINE_BLOCK, ROUND_BF16_BY_HAND=_interpreting(), num_warps=NUM_WARPS)
     _launches += 1
     return out
@@ -398,7 +398,7 @@ def _elementwise(op: int, alpha, xs: TensorTable, ys: TensorTable) -> None:
             xs.addresses, ys.addresses, layout.numel_column, layout.work,
             alpha if on_device else layout.numel_column, alpha_value,
             OP=op, ALPHA_ON_DEVICE=on_device, STORAGE=_TL_DTYPES[xs.dtype],
-            COMPUTE=_TL_DTYPES[_compute(xs.dtype)], BLOCK=BLOCK, ITERS=ITERS,
+            COMPUTE=_TL_DTYPES[_compute(xs.dtype)], BLOCK=BLOCK, ITERS=VECTOR_ITERS,
             ROUND_BF16_BY_HAND=_interpreting(), num_warps=NUM_WARPS)
     _launches += 1
 
