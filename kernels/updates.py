@@ -304,13 +304,16 @@ def radam(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
     param, grad = _weight_decay(param, grad, lr, weight_decay, DECOUPLED_WEIGHT_DECAY)
     exp_avg, exp_avg_sq = _moments(exp_avg, exp_avg_sq, grad, beta1, beta2)
     update = _div_scalar(exp_avg, bias_correction1.to(dt)) * lr.to(dt)
-    if rho_t > 5.0:
-        rect = tl.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
-                       / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
-        # (zeros_like: the numerator must be block-shaped; 0 * v would be NaN where v is inf)
-        adaptive_lr = _div(tl.sqrt(bias_correction2).to(dt) + tl.zeros_like(exp_avg_sq),
-                           _sqrt(exp_avg_sq) + eps.to(dt))
-        update = update * adaptive_lr * rect.to(dt)
+    # Rectified once rho_t > 5. One per-program choice instead of a branch around the block
+    # (a branch doubled the live registers of the pipelined loop); where it is not rectified
+    # the factor is unused, so an inf v there cannot leak in.
+    rectified = rho_t > 5.0
+    rect = tl.sqrt(tl.maximum((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
+                              / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t), 0.0))
+    # (zeros_like: the numerator must be block-shaped; 0 * v would be NaN where v is inf)
+    adaptive_lr = _div(tl.sqrt(bias_correction2).to(dt) + tl.zeros_like(exp_avg_sq),
+                       _sqrt(exp_avg_sq) + eps.to(dt))
+    update = tl.where(rectified, update * adaptive_lr * rect.to(dt), update)
     param = param - update
     return param, exp_avg, exp_avg_sq
 
