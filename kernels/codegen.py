@@ -74,8 +74,40 @@ def variant(name: str, dtype: str = "fp32") -> skeleton.Variant:
 
 def compile_variant(v: skeleton.Variant, kernel: str = "step", arch: int = 90):
     """``multi_tensor_step`` (kernel="step") or ``multi_tensor_sums`` (kernel="sums", for an
-    algorithm with sums) of ``v``, compiled for sm_<arch>: triton's compiled kernel, with
-    ``.asm`` (ptx, cubin, ...) and ``.n_regs`` / ``.n_spills`` where triton fills them."""
+    algorithm with sums) of ``v``, compiled for sm_<arch> with the options a launch ends up
+    with (:class:`~fusedopt.kernels.skeleton.Prepared`: the register cap where the plain
+    build needs it and the capped one does not spill): triton's compiled kernel, with
+    ``.asm`` (ptx, cubin, ...)."""
+    compiled = _compile(v, kernel, arch, skeleton.LAUNCH_OPTIONS)
+    usage = resource_usage(compiled.asm["cubin"])
+    if not skeleton.needs_cap(usage["REG"], usage["spills"]):
+        return compiled
+    capped = _compile(v, kernel, arch, skeleton.CAPPED_OPTIONS)
+    return capped if skeleton.keep_cap(resource_usage(capped.asm["cubin"])["spills"]) else compiled
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """``cuobjdump -res-usage`` of a one-kernel cubin: REG, STACK, SHARED, LOCAL (bytes but
+    REG), and ``spills``: STACK + LOCAL in 4-byte words, as triton's ``n_spills`` counts
+    them (these kernels have a stack frame only to spill to)."""
+    import os
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True,
+                              check=True, timeout=300).stdout
+    usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+    usage["spills"] = (usage.get("STACK", 0) + usage.get("LOCAL", 0)) // 4
+    return usage
+
+
+def _compile(v: skeleton.Variant, kernel: str, arch: int, options: dict):
     opmath = "*fp64" if v.compute == torch.float64 else "*fp32"
     signature = {"tensors": "*i64", "num_tensors": "i64", "work": "*i64", "hyper": "*fp64",
                  "hyper_stride": "i64"}
@@ -90,8 +122,7 @@ def compile_variant(v: skeleton.Variant, kernel: str = "step", arch: int = 90):
     signature.update({name: "constexpr" for name in constexprs})
     source = ASTSource(fn=fn, signature=signature, constexprs={
         (fn.arg_names.index(name),): value for name, value in constexprs.items()})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options=dict(skeleton.LAUNCH_OPTIONS))
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(options))
 
 
 def compile_ptx(name: str, dtype: str, kernel: str = "step", arch: int = 90) -> str:

@@ -75,6 +75,24 @@ CHUNK = BLOCK * VECTOR_ITERS
 # Compile options of every launch (and of kernels/codegen.py): FMA contraction on, as nvcc
 # compiles torch's CUDA kernels by default, set here so that no triton upgrade changes it.
 LAUNCH_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": True}
+# At most 96 registers per thread keep 5 programs of THREADS threads on an SM (65,536
+# registers): the reads in flight a bandwidth-bound kernel needs. ptxas left alone takes
+# 104-118 for some bf16 variants, and now and then spills a few words at fewer registers.
+REGISTER_CAP = 96
+CAPPED_OPTIONS = {**LAUNCH_OPTIONS, "maxnreg": REGISTER_CAP}
+
+
+def needs_cap(regs: int, spills: int) -> bool:
+    """Whether a kernel compiled with LAUNCH_OPTIONS (``regs`` registers per thread,
+    ``spills`` words of local memory) should be compiled again with CAPPED_OPTIONS."""
+    return regs > REGISTER_CAP or spills > 0
+
+
+def keep_cap(spills: int) -> bool:
+    """Whether the CAPPED_OPTIONS build (``spills`` words of local memory) is the one to
+    launch; otherwise the uncapped build is. (The cap changes register allocation only: both
+    builds run the same PTX and compute the same bits.)"""
+    return spills == 0
 
 
 def vector_elements(dtype: torch.dtype) -> int:
@@ -198,7 +216,7 @@ def constexprs(variant: Variant, kernel: str = "step", interpreting: bool = Fals
         CLIP=variant.clip, SCALE_GRADS=variant.unscale or variant.clip,
         STORAGE=_TL_DTYPES[variant.dtype], COMPUTE=_TL_DTYPES[variant.compute],
         BLOCK=THREADS * vector, ITERS=ITERS, VECTOR=vector, PREFETCH=PREFETCH,
-        CHECK_ALIGNMENT=interpreting)
+        THREADS=THREADS, CHECK_ALIGNMENT=interpreting)
     if kernel == "sums":
         return dict(common, TERMS=adapter(alg, "terms", variant.states))
     return dict(common, UPDATE=adapter(alg, "update", variant.states),
@@ -279,12 +297,12 @@ def _terms_body(raw, param, states, offs, mask, per_tensor, acc, FN: tl.constexp
 
 
 @triton.jit
-def _walk(param, grad, states, start, numel, shift, same, per_tensor, acc,
+def _walk(param, grad, states, start, numel, shift, same, per_tensor, acc, element_acc,
           BODY: tl.constexpr, FN: tl.constexpr, FLAGS: tl.constexpr,
           NUM_STATES: tl.constexpr, NUM_SUMS: tl.constexpr, STORAGE: tl.constexpr,
           COMPUTE: tl.constexpr, SCALE_GRADS: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr,
           BLOCK: tl.constexpr, ITERS: tl.constexpr, VECTOR: tl.constexpr,
-          PREFETCH: tl.constexpr):
+          PREFETCH: tl.constexpr, THREADS: tl.constexpr):
     """Apply BODY to every element of this program's chunk, in the fastest way its memory
     allows. A block is one 16-byte vector per thread per tensor.
 
@@ -297,8 +315,15 @@ def _walk(param, grad, states, start, numel, shift, same, per_tensor, acc,
       the ``shift`` elements before the frame, element by element.
     * otherwise (tensors misaligned differently): masked element accesses, correct for any
       address.
+
+    Element accesses work on blocks of THREADS lanes, one element per thread, and keep their
+    own accumulator (``element_acc``, the sums kernel's per-lane sums): a block of BLOCK lanes
+    would have its loads laid out four or eight to a thread, like the vector accesses of the
+    same lanes, and its stores, whose alignment is unknown, one to a thread, with a relayout
+    through shared memory between the two. Returns (acc, element_acc).
     """
     lanes = tl.arange(0, BLOCK)
+    threads = tl.arange(0, THREADS)
     if same:
         framed_param = tl.multiple_of(param + shift, 16)
         framed_grad = tl.multiple_of(grad + shift, 16)
@@ -342,22 +367,27 @@ def _walk(param, grad, states, start, numel, shift, same, per_tensor, acc,
                     acc = BODY(raw, framed_param, framed_states, offs, mask, per_tensor, acc,
                                FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE,
                                SCALE_GRADS, ROUND_BF16_BY_HAND)
-            if whole < end:  # the last, partial vector, element by element
-                offs = whole + lanes
-                acc = _elements(framed_param, framed_grad, framed_states, offs, offs < end,
-                                per_tensor, acc, BODY, FN, FLAGS, NUM_STATES, NUM_SUMS,
-                                STORAGE, COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND)
-        if (start == 0) & (shift > 0):  # the elements before the frame
-            acc = _elements(param, grad, states, lanes, lanes < tl.minimum(shift, numel),
-                            per_tensor, acc, BODY, FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE,
-                            COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND)
+            if whole < end:  # the last, partial vector (< VECTOR elements), one per thread
+                offs = whole + threads
+                element_acc = _elements(framed_param, framed_grad, framed_states, offs,
+                                        offs < end, per_tensor, element_acc, BODY, FN, FLAGS,
+                                        NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS,
+                                        ROUND_BF16_BY_HAND)
+        if (start == 0) & (shift > 0):  # the elements before the frame (< VECTOR)
+            element_acc = _elements(param, grad, states, threads,
+                                    threads < tl.minimum(shift, numel), per_tensor, element_acc,
+                                    BODY, FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE,
+                                    SCALE_GRADS, ROUND_BF16_BY_HAND)
     else:
-        for i in tl.static_range(ITERS):  # (no skipping here: a branch per block doubled
-            offs = start + i * BLOCK + lanes  # the registers of the whole bf16 kernel)
-            acc = _elements(param, grad, states, offs, offs < numel, per_tensor, acc, BODY,
-                            FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS,
-                            ROUND_BF16_BY_HAND)
-    return acc
+        # a runtime loop over one-element-per-thread blocks: code and registers stay those of
+        # one small block, whatever ITERS and VECTOR are
+        count = tl.minimum(tl.maximum(numel - start, 0), BLOCK * ITERS)
+        for k in range(0, tl.cdiv(count, THREADS)):
+            offs = start + k * THREADS + threads
+            element_acc = _elements(param, grad, states, offs, offs < numel, per_tensor,
+                                    element_acc, BODY, FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE,
+                                    COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND)
+    return acc, element_acc
 
 
 @triton.jit
@@ -484,7 +514,7 @@ def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_coun
                       SCALE_GRADS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
                       BLOCK: tl.constexpr, ITERS: tl.constexpr, VECTOR: tl.constexpr,
                       PREFETCH: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr,
-                      CHECK_ALIGNMENT: tl.constexpr):
+                      THREADS: tl.constexpr, CHECK_ALIGNMENT: tl.constexpr):
     """Update one chunk of one tensor; the grid is the whole work list of the bucket."""
     run, scaling = _amp(grad_scale, found_inf, clip_coef, UNSCALE, SKIP_ON_INF, CLIP)
     if run:
@@ -503,11 +533,12 @@ def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_coun
         hyper_values, scalars, advanced, sum_values = _per_tensor(
             hyper + group * hyper_stride, scalar_ptrs, sums, t, fresh, FLAGS, NUM_HYPER,
             NUM_SCALARS, USES_STEP, ADVANCE, NUM_SUMS)
+        nothing = tl.full([], 0, tl.int32)  # (the update accumulates nothing)
         _walk(param, grad, states, start, numel, shift, same,
-              (hyper_values, scalars, sum_values, fresh, scaling), tl.full([], 0, tl.int32),
+              (hyper_values, scalars, sum_values, fresh, scaling), nothing, nothing,
               _update_body, UPDATE,
               FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND,
-              BLOCK, ITERS, VECTOR, PREFETCH)
+              BLOCK, ITERS, VECTOR, PREFETCH, THREADS)
         if FINISH or fresh != 0:
             _finish(t, numel, done_counts, scalar_ptrs, advanced, sums, fresh, fresh_ptr,
                     NUM_SCALARS, NUM_SUMS, BLOCK * ITERS)
@@ -548,7 +579,8 @@ def multi_tensor_sums(tensors, num_tensors, work, hyper, hyper_stride, sums, gra
                       SKIP_ON_INF: tl.constexpr, CLIP: tl.constexpr,
                       SCALE_GRADS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
                       BLOCK: tl.constexpr, ITERS: tl.constexpr, VECTOR: tl.constexpr,
-                      PREFETCH: tl.constexpr, CHECK_ALIGNMENT: tl.constexpr):
+                      PREFETCH: tl.constexpr, THREADS: tl.constexpr,
+                      CHECK_ALIGNMENT: tl.constexpr):
     """Per-tensor sums of the algorithm's terms over the same tables: one read-only launch
     whose results (``sums[t, :]``) the update launch reads (LAMB's trust-ratio norms).
     Skipped, like the update, where AMP found an inf (the sums then stay zero)."""
@@ -572,12 +604,17 @@ def multi_tensor_sums(tensors, num_tensors, work, hyper, hyper_stride, sums, gra
         acc = ()
         for _ in tl.static_range(NUM_SUMS):
             acc = acc + (tl.zeros([BLOCK], dtype=COMPUTE),)
-        acc = _walk(param, grad, states, start, numel, shift, same,
-                    (hyper_values, scalars, sum_values, fresh, scaling), acc, _terms_body,
-                    TERMS, FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS, False,
-                    BLOCK, ITERS, VECTOR, PREFETCH)
+        element_acc = ()
+        for _ in tl.static_range(NUM_SUMS):
+            element_acc = element_acc + (tl.zeros([THREADS], dtype=COMPUTE),)
+        acc, element_acc = _walk(param, grad, states, start, numel, shift, same,
+                                 (hyper_values, scalars, sum_values, fresh, scaling), acc,
+                                 element_acc, _terms_body, TERMS, FLAGS, NUM_STATES, NUM_SUMS,
+                                 STORAGE, COMPUTE, SCALE_GRADS, False, BLOCK, ITERS, VECTOR,
+                                 PREFETCH, THREADS)
         for i in tl.static_range(NUM_SUMS):
-            tl.atomic_add(sums + NUM_SUMS * t + i, tl.sum(acc[i], axis=0))
+            total = tl.sum(acc[i], axis=0) + tl.sum(element_acc[i], axis=0)
+            tl.atomic_add(sums + NUM_SUMS * t + i, total)
 
 
 class Prepared:
@@ -591,6 +628,10 @@ class Prepared:
     (``CompiledKernel.run`` with every argument in signature order), as long as each pointer
     argument keeps the 16-byte alignment the kernel was specialised for; otherwise, and under
     the interpreter, the JIT path runs.
+
+    The first compiled build picks the compile options (:func:`needs_cap`, :func:`keep_cap`):
+    a build over REGISTER_CAP registers, or one that spills, is compiled again under the cap,
+    which is kept unless it spills. Until that is settled the JIT path runs.
     """
 
     def __init__(self, fn, constexprs: dict):
@@ -598,6 +639,8 @@ class Prepared:
         self.constexprs = constexprs
         self.compiled = None
         self.aligned: tuple[bool, ...] | None = None
+        self.options = LAUNCH_OPTIONS
+        self.options_settled = False
 
     def bound(self, args: tuple) -> list:
         """Every argument in the kernel's signature order: the runtime ones as given (in that
@@ -620,10 +663,23 @@ class Prepared:
             kernel.run(grid[0], 1, 1, stream, kernel.function, kernel.packed_metadata, metadata,
                        knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound)
             return
-        kernel = self.fn[grid](*args, **self.constexprs, **LAUNCH_OPTIONS)
-        if (kernel is not None and hasattr(kernel, "launch_metadata") and hasattr(kernel, "run")
-                and not hasattr(kernel, "result")):
-            self.compiled, self.aligned = kernel, aligned
+        kernel = self.fn[grid](*args, **self.constexprs, **self.options)
+        if (kernel is None or not hasattr(kernel, "launch_metadata")
+                or not hasattr(kernel, "run") or hasattr(kernel, "result")):
+            return  # the interpreter's launch: the JIT path stays
+        if not self.options_settled:
+            # (n_regs / n_spills: filled in when the launch loaded the kernel)
+            regs, spills = getattr(kernel, "n_regs", 0), getattr(kernel, "n_spills", 0)
+            if self.options is LAUNCH_OPTIONS:
+                if needs_cap(regs, spills):
+                    self.options = CAPPED_OPTIONS  # compiled and tried at the next launch
+                    return
+            elif not keep_cap(spills):
+                self.options = LAUNCH_OPTIONS  # (in the JIT's cache already)
+                self.options_settled = True
+                return
+            self.options_settled = True
+        self.compiled, self.aligned = kernel, aligned
 
 
 def launch(variant: Variant, *, tensors: torch.Tensor, num_tensors: int, work: torch.Tensor,

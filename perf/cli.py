@@ -4,10 +4,12 @@
     fusedopt-bench --e2e [options]      end-to-end small-GPT training split
     fusedopt-bench plot RESULTS.csv     re-draw the plots from a results CSV
     fusedopt-bench host [options]       host-side ms per step, kernel launch stubbed out
+    fusedopt-bench static [options]     static roofline of every kernel variant, from its SASS
 
 A run is a list of sections (``plan.Section``), each with its own table. With no workload
-options on a CPU-only machine (:func:`cpu_default_sections`): the engine's host time, then
-fusedopt's reference path against torch.optim as a sanity check.
+options on a CPU-only machine (:func:`cpu_default_sections`): the engine's host time,
+fusedopt's reference path against torch.optim as a sanity check, then a static roofline of a
+few kernel variants compiled for sm_90 (``static``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from . import e2e as e2e_mod
 from . import host as host_mod
 from . import impls as impls_mod
 from . import measure, plan, report, workloads
+from . import static as static_mod
 from .bytes_model import DTYPE_BYTES, KNOWN, bytes_per_param, canonical_dtype
 from .impls import Impl, OptSpec
 from .plan import Job, Progress, Section, SectionOutput
@@ -53,6 +56,7 @@ E2E_DEFAULTS = {False: {"steps": 20, "warmup": 3, "batch": 8},
 E2E_QUICK_MODEL = "tiny"
 
 HOST_TITLE = "Host time per step of fusedopt's engine (kernel launch stubbed out)"
+STATIC_TITLE = static_mod.TITLE
 STEPS_TITLE = {
     "cuda": "Optimizer step throughput: fusedopt vs torch.optim (and importable libraries)",
     "cpu": "fusedopt's reference path vs torch.optim on CPU: a sanity check, not fusedopt's "
@@ -114,18 +118,25 @@ def build_parser() -> argparse.ArgumentParser:
             "Prints the plan and its time estimate, a progress bar, then each section's table\n"
             "with a legend of its columns; writes results.json, results.csv, PNG plots and a\n"
             "README.md (the tables and legends) to --out.\n\n"
-            "With no workload options on a machine without a GPU, two sections:\n"
+            "With no workload options on a machine without a GPU, three sections:\n"
             "  1. host time per step of fusedopt's engine, as `fusedopt-bench host`\n"
             f"     ({host_config}), with its floor; written to host.json, host.csv;\n"
             "  2. fusedopt's reference path (pure torch: what fusedopt runs without a GPU) vs\n"
-            "     torch.optim on small workloads: a sanity check, not fusedopt's GPU performance."
+            "     torch.optim on small workloads: a sanity check, not fusedopt's GPU performance;\n"
+            "  3. a static roofline, as `fusedopt-bench static`, of a subset of the kernels\n"
+            f"     ({static_subset(False)};\n"
+            f"     with --quick: {static_subset(True)}), compiled for\n"
+            "     sm_90 here; written to static.json, static.csv, static.png, sass/."
         ),
         epilog=(
             "other commands (each has --help):\n"
             "  fusedopt-bench plot RESULTS.csv [--out DIR]   redraw the plots, no measuring\n"
             "  fusedopt-bench host [options]                 host ms/step of fusedopt's engine\n"
             "                                                with the kernel launch stubbed out,\n"
-            "                                                against a floor\n\n"
+            "                                                against a floor\n"
+            "  fusedopt-bench static [options]               static roofline of every kernel\n"
+            "                                                variant, compiled for a GPU target\n"
+            "                                                here and read from its SASS\n\n"
             "examples:\n"
             "  fusedopt-bench --quick\n"
             "  fusedopt-bench --device cuda\n"
@@ -304,12 +315,34 @@ def build_sections(args: argparse.Namespace, device: str, req: Request, meta: di
 
 def cpu_default_sections(quick: bool, meta: dict, out: Path, steps: Section) -> list[Section]:
     """What a CPU can say about fusedopt, in order: the engine's host time (meaningful on any
-    machine), then the reference path as a sanity check against torch.optim. A later section
-    (e.g. a static roofline) goes at the end of this list."""
+    machine), the reference path as a sanity check against torch.optim, then a static
+    roofline of a few kernel variants compiled for sm_90 (last: its compile workers start
+    after the timed sections are done, so they do not disturb them)."""
     host = host_section(list(host_mod.DEFAULT_WORKLOADS), list(host_mod.DEFAULT_OPTIMIZERS),
                         list(host_mod.DEFAULT_DTYPES), "cpu", *host_mod.DEFAULT_STEPS[quick],
                         meta=meta, out=out)
-    return [host, steps]
+    return [host, steps, static_section(quick, out)]
+
+
+def static_subset(quick: bool) -> str:
+    """What the bare CPU run's static section compiles, in words."""
+    optimizers = (static_mod.BARE_RUN_QUICK_OPTIMIZERS if quick
+                  else static_mod.BARE_RUN_OPTIMIZERS)
+    dtypes = static_mod.BARE_RUN_QUICK_DTYPES if quick else static_mod.DEFAULT_DTYPES
+    return f"{' '.join(optimizers)} in {' '.join(dtypes)}"
+
+
+def static_section(quick: bool, out: Path) -> Section:
+    """The bare CPU run's static roofline: a subset of ``fusedopt-bench static`` (which
+    compiles every optimizer), small enough to keep the run under two minutes."""
+    optimizers = (static_mod.BARE_RUN_QUICK_OPTIMIZERS if quick
+                  else static_mod.BARE_RUN_OPTIMIZERS)
+    dtypes = static_mod.BARE_RUN_QUICK_DTYPES if quick else static_mod.DEFAULT_DTYPES
+    jobs, skipped = static_mod.enumerate_jobs(optimizers, dtypes, static_mod.DEFAULT_FLAGS,
+                                              False, static_mod.DEFAULT_ARCHS)
+    subset = (f"subset: {static_subset(quick)} (the bare run's; `fusedopt-bench static` "
+              "compiles every optimizer)")
+    return static_mod.section(jobs, skipped, out, subset=subset, command="fusedopt-bench")
 
 
 def steps_section(req: Request, device: str, settings: measure.Settings, meta: dict,
@@ -493,6 +526,117 @@ def _host_main(argv: list[str]) -> int:
     return 0 if output.ok else 1
 
 
+def build_static_parser() -> argparse.ArgumentParser:
+    """The parser of ``fusedopt-bench static``; defaults come from ``static``'s constants."""
+    archs = " ".join(map(str, static_mod.KNOWN_ARCHS))
+    p = argparse.ArgumentParser(
+        prog="fusedopt-bench static",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "A static roofline of fusedopt's kernels, without a GPU: compile each kernel\n"
+            "variant for a GPU target here (triton's compiler and ptxas run on the CPU),\n"
+            "disassemble it (cuobjdump, shipped with triton), find its aligned hot path in\n"
+            "the SASS and count what one thread issues there per element: 16-byte loads and\n"
+            "stores, bytes (checked against the bytes model), instructions, hyperparameter\n"
+            "reloads after stores, reads in flight per SM; plus registers, spills, shared\n"
+            "memory, atomics and fences and where they are. A stated model turns the counts\n"
+            "into a predicted % of the copy bandwidth on an H100 and an H200 (the legend\n"
+            "under the table and the docstring of fusedopt.perf.static give every definition\n"
+            "and assumption).\n\n"
+            "Writes static.json, static.csv, static.png and sass/<variant>-<kernel>-<dtype>-\n"
+            "sm<arch>.sass (each instruction tagged with its place and whether the hot path\n"
+            "counts it) to --out. Variants: every optimizer fusedopt exports x its variant\n"
+            "flags x dtype x AMP/clip x the kernels it launches (step, and sums for LAMB)."),
+        epilog=(
+            "examples:\n"
+            "  fusedopt-bench static\n"
+            "  fusedopt-bench static --optimizers AdamW Adam:amsgrad=True --dtypes bf16 --amp\n"
+            "  fusedopt-bench static --flags all --arch 80 90 100\n"
+            "  fusedopt-bench static --full --jobs 8\n\n"
+            "exit status: 0 when every kernel compiled and was analysed, 1 otherwise, 2 for\n"
+            "bad arguments."))
+    p.add_argument("--optimizers", nargs="+", metavar="NAME[:k=v,...]",
+                   help="optimizers, case-insensitive, from: "
+                        + ", ".join(impls_mod.fusedopt_optimizers())
+                        + "; Name:k=v,... = the one variant those constructor options give "
+                          "(e.g. Adam:amsgrad=True, SGD:momentum=0.9,nesterov=True). Default: "
+                          "every optimizer fusedopt exports")
+    p.add_argument("--dtypes", nargs="+", metavar="DTYPE",
+                   help=f"storage dtypes, from: {', '.join(static_mod.ALL_DTYPES)} (default: "
+                        f"{' '.join(static_mod.DEFAULT_DTYPES)})")
+    p.add_argument("--flags", choices=["default", "all"], default=static_mod.DEFAULT_FLAGS,
+                   help="variant flags: default = those of each optimizer's torch defaults; "
+                        "all = every combination of its algorithm's flags that its spec and "
+                        f"torch accept (default: {static_mod.DEFAULT_FLAGS})")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="also compile each variant launched with GradScaler's grad_scale and "
+                        "found_inf and a clip coefficient (unscale, skip-on-inf and clip on) "
+                        "(default: --no-amp)")
+    p.add_argument("--arch", nargs="+", type=int, metavar="SM",
+                   help=f"target architectures, from: {archs} (sm_80 A100, sm_90 H100/H200, "
+                        "sm_100 B200), where the installed triton's ptxas can build them "
+                        f"(default: {' '.join(map(str, static_mod.DEFAULT_ARCHS))})")
+    p.add_argument("--full", action="store_true",
+                   help="the whole set: every optimizer, --flags all, every dtype, --amp, "
+                        "every arch this triton can target: over a thousand kernels (--full "
+                        "--list counts them), about an hour on 2 cores with a cold compiler "
+                        "cache")
+    p.add_argument("--jobs", type=int, default=static_mod.DEFAULT_WORKERS,
+                   help="compile worker processes (default: min(4, CPU count) = "
+                        f"{static_mod.DEFAULT_WORKERS} here)")
+    p.add_argument("--out", type=Path, default=Path("bench-out"),
+                   help="output directory (default: ./bench-out)")
+    p.add_argument("--list", action="store_true",
+                   help="list the kernels the options select (and the flag combinations "
+                        "skipped, with why), then exit without compiling")
+    p.add_argument("--no-plots", action="store_true", help="skip static.png")
+    p.add_argument("--quiet", action="store_true", help="no plan, no progress bar")
+    return p
+
+
+def _static_main(argv: list[str]) -> int:
+    p = build_static_parser()
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
+    try:
+        supported = static_mod.supported_archs()
+    except FileNotFoundError as err:
+        p.error(f"cannot compile here: {err}")
+    archs = supported if args.full else (args.arch or list(static_mod.DEFAULT_ARCHS))
+    unknown = [a for a in archs if a not in supported]
+    if unknown:
+        p.error(f"sm_{unknown[0]}: the installed triton cannot target it here; it can target "
+                + ", ".join(f"sm_{a}" for a in supported))
+    try:
+        jobs, skipped = static_mod.enumerate_jobs(
+            None if args.full else static_mod.split_optimizers(args.optimizers),
+            static_mod.ALL_DTYPES if args.full else (_split(args.dtypes)
+                                                      or static_mod.DEFAULT_DTYPES),
+            "all" if args.full else args.flags, args.full or args.amp, archs)
+    except (ValueError, TypeError) as err:  # UnknownNameError is a ValueError
+        p.error(str(err))
+    if args.list:
+        for job in jobs:
+            print(f"{job.key:<56} states={','.join(job.states) or '-'}")
+        for s in skipped:
+            print(f"skipped {s['variant']}: {s['reason']}")
+        print(f"{len(jobs)} kernel(s)")
+        return 0
+    if not jobs:
+        p.error("nothing to compile")
+    section = static_mod.section(jobs, skipped, args.out, workers=args.jobs,
+                                 plots=not args.no_plots,
+                                 command="fusedopt-bench static " + " ".join(argv))
+    if not args.quiet:
+        print(plan.describe([section]), file=sys.stderr)
+    (rows,), _ = run_sections([section], args.quiet)
+    output = section.finish(rows)
+    print(output.text)
+    print("\nwrote " + ", ".join(str(f) for f in output.files))
+    return 0 if output.ok else 1
+
+
 def _list(device: str) -> int:
     print("workloads:")
     for w in workloads.resolve(["gpt2", "llama1b", "resnet50", "small2000"]):
@@ -522,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
         return _plot_main(argv[1:])
     if argv[:1] == ["host"]:
         return _host_main(argv[1:])
+    if argv[:1] == ["static"]:
+        return _static_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
 

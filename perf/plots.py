@@ -278,6 +278,56 @@ def plot_e2e(rows: list[dict], out_dir: Path) -> list[Path]:
     return [path]
 
 
+def plot_static(rows: list[dict], out_dir: Path) -> list[Path]:
+    """``static.png`` of ``fusedopt-bench static``: the predicted % of the copy bandwidth per
+    kernel (H100 and H200; other archs' rows: their own GPU's), and instructions per element
+    against registers, one point per kernel (labelled), both from the SASS, not measured."""
+    plt = _pyplot()
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("instr_per_elem") is not None]
+    if not ok:
+        return []
+    labels = [f"{r['variant']} {r['kernel']} {r['dtype']} sm{r['arch']}" for r in ok]
+    height = max(3.5, 0.22 * len(ok) + 1.5)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, height),
+                                      gridspec_kw={"width_ratios": [1.2, 1]})
+    ys = range(len(ok))
+    h100 = [r.get("predicted_pct_h100") if r.get("predicted_pct_h100") is not None
+            else r.get("predicted_pct") or 0 for r in ok]
+    h200 = [r.get("predicted_pct_h200") or 0 for r in ok]
+    left.barh([y - 0.2 for y in ys], h100, height=0.4, label="H100 (other archs: own GPU)")
+    left.barh([y + 0.2 for y in ys], h200, height=0.4, label="H200")
+    left.set_yticks(list(ys))
+    left.set_yticklabels(labels, fontsize=7)
+    left.invert_yaxis()
+    left.set_xlim(0, 105)
+    left.axvline(100, color="grey", linestyle="--", linewidth=0.8)
+    left.set_xlabel("predicted % of copy bandwidth: min(reads in flight, instruction issue)")
+    left.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    left.grid(True, axis="x", alpha=0.3)
+    colors = plt.get_cmap("tab10").colors
+    dtypes = list(dict.fromkeys(r["dtype"] for r in ok))
+    for i, dtype in enumerate(dtypes):
+        pts = [r for r in ok if r["dtype"] == dtype]
+        right.scatter([r["regs"] for r in pts], [r["instr_per_elem"] for r in pts],
+                      color=colors[i % len(colors)], label=dtype, s=18)
+        for r in pts:
+            right.annotate(f"{r['variant']}{'/sums' if r['kernel'] == 'sums' else ''}",
+                           (r["regs"], r["instr_per_elem"]), fontsize=6,
+                           textcoords="offset points", xytext=(3, 2))
+    right.set_xlabel("registers per thread")
+    right.set_ylabel("SASS instructions per element per thread (hot path)")
+    right.legend(fontsize=7)
+    right.grid(True, alpha=0.3)
+    fig.suptitle("static roofline from the SASS (compiled without a GPU; a model, not a "
+                 "measurement)", fontsize=10)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = Path(out_dir) / "static.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def human_tokens(n: float) -> str:
     """12345.6 -> '12.3K'."""
     for div, suf in ((1e6, "M"), (1e3, "K")):

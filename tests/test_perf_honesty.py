@@ -314,7 +314,8 @@ def _cpu_default_plan(argv: list[str], copy_gbps: float) -> list[plan.Section]:
 @pytest.mark.parametrize("copy_gbps", [5.0, 25.0])  # a slow machine's copy, and this kind
 def test_cpu_default_plan_fits_in_two_minutes(copy_gbps):
     sections = _cpu_default_plan([], copy_gbps)
-    assert [s.title for s in sections] == [cli.HOST_TITLE, cli.STEPS_TITLE["cpu"]]
+    assert [s.title for s in sections] == [cli.HOST_TITLE, cli.STEPS_TITLE["cpu"],
+                                           cli.STATIC_TITLE]
     host_jobs = [j.label for j in sections[0].jobs]
     assert host_jobs == [f"host {w} AdamW fp32" for w in host.DEFAULT_WORKLOADS]
     assert all(j.label.endswith(("fusedopt-reference", "torch")) for j in sections[1].jobs)
@@ -351,12 +352,17 @@ def test_bare_cpu_run_end_to_end(tmp_path, capsys, monkeypatch):
     assert out.index(f"== 1. {cli.HOST_TITLE} ==") < out.index(f"== 2. {cli.STEPS_TITLE['cpu']}")
     assert "floor ms" in out and "fusedopt-reference" in out
     assert "not fusedopt's GPU performance" in out
-    assert out.count("\ncolumns:") == 2  # a legend under each table
+    assert out.index(f"== 2. {cli.STEPS_TITLE['cpu']}") < out.index(f"== 3. {cli.STATIC_TITLE}")
+    assert out.count("\ncolumns:") == 3  # a legend under each table
     readme = (tmp_path / "README.md").read_text()
-    assert f"## {cli.HOST_TITLE}" in readme and readme.count("columns:") == 2
+    assert f"## {cli.HOST_TITLE}" in readme and readme.count("columns:") == 3
+    static_rows = json.loads((tmp_path / "static.json").read_text())["rows"]
+    assert [(r["variant"], r["dtype"], r["kernel"]) for r in static_rows] == [
+        ("AdamW", "fp32", "step")]
+    assert static_rows[0]["status"] == "ok" and static_rows[0]["vec16_loads_per_elem"] == 1
     assert "measuring took" in readme
     host_rows = json.loads((tmp_path / "host.json").read_text())["rows"]
     assert [r["workload"] for r in host_rows] == ["small30"] and host_rows[0]["floor_ms"] > 0
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
-    assert meta["sections"] == [cli.HOST_TITLE, cli.STEPS_TITLE["cpu"]]
+    assert meta["sections"] == [cli.HOST_TITLE, cli.STEPS_TITLE["cpu"], cli.STATIC_TITLE]
     assert meta["planned_s"] > 0 and meta["elapsed_s"] > 0
