@@ -381,12 +381,15 @@ def _walk(param, grad, states, start, numel, shift, same, per_tensor, acc, eleme
     else:
         # a runtime loop over one-element-per-thread blocks: code and registers stay those of
         # one small block, whatever ITERS and VECTOR are
-        count = tl.minimum(tl.maximum(numel - start, 0), BLOCK * ITERS)
-        for k in range(0, tl.cdiv(count, THREADS)):
-            offs = start + k * THREADS + threads
-            element_acc = _elements(param, grad, states, offs, offs < numel, per_tensor,
+        # (a while loop: triton 3.6's interpreter cannot take a loaded value as a range bound)
+        stop = start + tl.minimum(tl.maximum(numel - start, 0), BLOCK * ITERS)
+        first = start
+        while first < stop:
+            offs = first + threads
+            element_acc = _elements(param, grad, states, offs, offs < stop, per_tensor,
                                     element_acc, BODY, FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE,
                                     COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND)
+            first += THREADS
     return acc, element_acc
 
 

@@ -25,18 +25,23 @@ def _view(values: torch.Tensor, offset: int, device) -> torch.Tensor:
     return view
 
 
-@pytest.mark.parametrize(("param_align", "grad_align", "state_align"),
-                         list(itertools.product(OFFSETS, repeat=3)),
-                         ids=lambda a: f"{a}B")
-def test_every_alignment_of_param_grad_and_state(param_align, grad_align, state_align,
-                                                 kernel_device):
+# LAMB also runs the read-only sums kernel, whose element paths keep their own sums: aligned,
+# misaligned alike (the shifted frame), and misaligned differently (element accesses)
+COMBINATIONS = [("AdamW", *a) for a in itertools.product(OFFSETS, repeat=3)] + [
+    ("LAMB", 16, 16, 16), ("LAMB", 8, 8, 8), ("LAMB", 16, 4, 8), ("LAMB", 4, 16, 16)]
+
+
+@pytest.mark.parametrize(("optimizer", "param_align", "grad_align", "state_align"),
+                         COMBINATIONS, ids=lambda a: f"{a}B" if isinstance(a, int) else a)
+def test_every_alignment_of_param_grad_and_state(optimizer, param_align, grad_align,
+                                                 state_align, kernel_device):
     gen = torch.Generator().manual_seed(param_align * 100 + grad_align * 10 + state_align)
     starts = [torch.randn(n, generator=gen) for n in SIZES]
     results = []
     for backend in ("triton", "reference"):
         device = kernel_device if backend == "triton" else "cpu"
         params = [torch.nn.Parameter(_view(s, OFFSETS[param_align], device)) for s in starts]
-        opt = fusedopt.AdamW(params, lr=1e-2, weight_decay=0.1, backend=backend)
+        opt = getattr(fusedopt, optimizer)(params, lr=1e-2, weight_decay=0.1, backend=backend)
         for p in params:  # states at the chosen alignment, before the first step
             for name in ("exp_avg", "exp_avg_sq"):
                 opt.state[p][name] = _view(torch.zeros_like(p, device="cpu"),

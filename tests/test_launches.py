@@ -306,3 +306,72 @@ def test_prepared_launch_passes_every_argument_in_signature_order(monkeypatch):
     odd = torch.zeros(8)[1:5]  # 4 bytes past its storage's (aligned) start
     kernel((5,), (odd, *runtime[1:]))
     assert [c[0] for c in calls] == ["jit", "run", "jit"]
+
+
+@pytest.mark.parametrize(("builds", "launched"), [
+    # (registers, spills) of the plain build, then of the capped one where it is compiled
+    ([(80, 0)], "plain"),  # within the cap: kept, never recompiled
+    ([(118, 0), (96, 0)], "capped"),  # over the cap: the capped build, which does not spill
+    ([(80, 6), (93, 0)], "capped"),  # the plain build spills, the capped one does not
+    ([(118, 0), (96, 10)], "plain"),  # the capped build spills: back to the plain one
+])
+def test_prepared_launch_takes_the_register_cap_only_where_it_helps(monkeypatch, builds,
+                                                                    launched):
+    """The compile options a Prepared kernel settles on, from what each build reports (stand-ins
+    for triton's compiled kernel: n_regs / n_spills as the driver fills them in)."""
+    import importlib
+
+    from fusedopt.kernels import skeleton
+
+    driver_module = importlib.import_module("triton.runtime.driver")
+    jit_options = []
+
+    class Compiled:
+        function, packed_metadata = "function", "packed"
+
+        def __init__(self, capped):
+            self.capped = capped
+            self.n_regs, self.n_spills = builds[1 if capped else 0]
+
+        def launch_metadata(self, *args):
+            return None
+
+        def run(self, *args):
+            runs.append("capped" if self.capped else "plain")
+
+    class JIT:
+        arg_names = skeleton.multi_tensor_step.arg_names
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                options = {k: v for k, v in kwargs.items() if not k.isupper()}
+                jit_options.append(options)
+                return Compiled("maxnreg" in options)
+            return launch
+
+    class Active:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return "stream"
+
+    runs = []
+    monkeypatch.setattr(type(driver_module.driver), "active", property(lambda self: Active()))
+    constexprs = {name: 0 for name in JIT.arg_names if name.isupper()}
+    kernel = skeleton.Prepared(JIT(), constexprs)
+    runtime = (torch.zeros(4), 1, torch.zeros(4), torch.zeros(4), 1, torch.zeros(4),
+               torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4))
+    for _ in range(5):
+        kernel((1,), runtime)
+    plain, capped = skeleton.LAUNCH_OPTIONS, skeleton.CAPPED_OPTIONS
+    assert capped == {**plain, "maxnreg": 96}
+    if len(builds) == 2 and launched == "capped":
+        expected_jit = [plain, capped]
+    elif len(builds) == 2:
+        expected_jit = [plain, capped, plain]
+    else:
+        expected_jit = [plain]
+    assert jit_options == expected_jit
+    # after the JIT launches, every launch is the settled build's, straight through run()
+    assert runs == [launched] * (5 - len(jit_options))
