@@ -632,9 +632,10 @@ class Prepared:
     argument keeps the 16-byte alignment the kernel was specialised for; otherwise, and under
     the interpreter, the JIT path runs.
 
-    The first compiled build picks the compile options (:func:`needs_cap`, :func:`keep_cap`):
-    a build over REGISTER_CAP registers, or one that spills, is compiled again under the cap,
-    which is kept unless it spills. Until that is settled the JIT path runs.
+    The first launch also settles the compile options (:func:`needs_cap`, :func:`keep_cap`):
+    where its build uses more than REGISTER_CAP registers or spills, the capped build is
+    compiled right then (``warmup``: compiled and loaded, not launched) and is the one launched
+    from the next step on, unless it spills. Builds for other alignments use the same options.
     """
 
     def __init__(self, fn, constexprs: dict):
@@ -671,17 +672,15 @@ class Prepared:
                 or not hasattr(kernel, "run") or hasattr(kernel, "result")):
             return  # the interpreter's launch: the JIT path stays
         if not self.options_settled:
-            # (n_regs / n_spills: filled in when the launch loaded the kernel)
-            regs, spills = getattr(kernel, "n_regs", 0), getattr(kernel, "n_spills", 0)
-            if self.options is LAUNCH_OPTIONS:
-                if needs_cap(regs, spills):
-                    self.options = CAPPED_OPTIONS  # compiled and tried at the next launch
-                    return
-            elif not keep_cap(spills):
-                self.options = LAUNCH_OPTIONS  # (in the JIT's cache already)
-                self.options_settled = True
-                return
+            # Settled at the first launch, so that later steps (a CUDA graph capture, say)
+            # compile nothing: the capped build is compiled and loaded here, not launched.
+            # (n_regs / n_spills: filled in when triton loaded the build; reading ``run`` loads)
             self.options_settled = True
+            if needs_cap(getattr(kernel, "n_regs", 0), getattr(kernel, "n_spills", 0)):
+                capped = self.fn.warmup(*args, grid=grid, **self.constexprs, **CAPPED_OPTIONS)
+                if capped is not None and hasattr(capped, "run") and keep_cap(
+                        getattr(capped, "n_spills", 0)):
+                    self.options, kernel = CAPPED_OPTIONS, capped
         self.compiled, self.aligned = kernel, aligned
 
 

@@ -310,21 +310,23 @@ def test_prepared_launch_passes_every_argument_in_signature_order(monkeypatch):
 
 @pytest.mark.parametrize(("builds", "launched"), [
     # (registers, spills) of the plain build, then of the capped one where it is compiled
-    ([(80, 0)], "plain"),  # within the cap: kept, never recompiled
+    ([(80, 0)], "plain"),  # within the cap: kept, no second build
     ([(118, 0), (96, 0)], "capped"),  # over the cap: the capped build, which does not spill
     ([(80, 6), (93, 0)], "capped"),  # the plain build spills, the capped one does not
-    ([(118, 0), (96, 10)], "plain"),  # the capped build spills: back to the plain one
+    ([(118, 0), (96, 10)], "plain"),  # the capped build spills: the plain one stays
 ])
 def test_prepared_launch_takes_the_register_cap_only_where_it_helps(monkeypatch, builds,
                                                                     launched):
-    """The compile options a Prepared kernel settles on, from what each build reports (stand-ins
-    for triton's compiled kernel: n_regs / n_spills as the driver fills them in)."""
+    """The compile options a Prepared kernel settles on at its first launch, from what each
+    build reports (stand-ins for triton's compiled kernel: n_regs / n_spills as the driver
+    fills them in). The capped build is compiled then, not launched, so that no later step
+    (a CUDA graph capture) compiles anything."""
     import importlib
 
     from fusedopt.kernels import skeleton
 
     driver_module = importlib.import_module("triton.runtime.driver")
-    jit_options = []
+    compiles = []
 
     class Compiled:
         function, packed_metadata = "function", "packed"
@@ -339,15 +341,22 @@ def test_prepared_launch_takes_the_register_cap_only_where_it_helps(monkeypatch,
         def run(self, *args):
             runs.append("capped" if self.capped else "plain")
 
+    def options(kwargs):
+        return {k: v for k, v in kwargs.items() if not k.isupper()}
+
     class JIT:
         arg_names = skeleton.multi_tensor_step.arg_names
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                options = {k: v for k, v in kwargs.items() if not k.isupper()}
-                jit_options.append(options)
-                return Compiled("maxnreg" in options)
+                compiles.append(("launch", options(kwargs)))
+                runs.append("capped" if "maxnreg" in kwargs else "plain")
+                return Compiled("maxnreg" in kwargs)
             return launch
+
+        def warmup(self, *args, grid, **kwargs):
+            compiles.append(("warmup", options(kwargs)))
+            return Compiled("maxnreg" in kwargs)
 
     class Active:
         def get_current_device(self):
@@ -366,12 +375,7 @@ def test_prepared_launch_takes_the_register_cap_only_where_it_helps(monkeypatch,
         kernel((1,), runtime)
     plain, capped = skeleton.LAUNCH_OPTIONS, skeleton.CAPPED_OPTIONS
     assert capped == {**plain, "maxnreg": 96}
-    if len(builds) == 2 and launched == "capped":
-        expected_jit = [plain, capped]
-    elif len(builds) == 2:
-        expected_jit = [plain, capped, plain]
-    else:
-        expected_jit = [plain]
-    assert jit_options == expected_jit
-    # after the JIT launches, every launch is the settled build's, straight through run()
-    assert runs == [launched] * (5 - len(jit_options))
+    # the first launch is the plain build's, through the JIT; the capped build is compiled
+    # then where the plain one needs it, and nothing is compiled after the first launch
+    assert compiles == [("launch", plain)] + [("warmup", capped)] * (len(builds) - 1)
+    assert runs == ["plain"] + [launched] * 4
