@@ -70,7 +70,7 @@ class Settings:
     @classmethod
     def for_device(cls, device: str, quick: bool = False) -> Settings:
         """Defaults: a little longer on CUDA (more steps are cheap), much shorter with quick.
-        The CPU default keeps a bare ``fusedopt-bench`` on a 2-core machine under a minute."""
+        The CPU default keeps a bare ``fusedopt-bench`` on a 2-core machine under two minutes."""
         if quick:
             return cls(warmup=1, repeats=3, target_run_s=0.005, min_steps=1, max_steps=20)
         if device == "cuda":
