@@ -167,3 +167,29 @@ def test_family_launches_in_the_profiler(case):
     count, names = _kernel_launches(opt, flat(params), _grads(flat(params), 1))
     assert count == opt.launches_per_step == (2 if case.fused_cls is fusedopt.LAMB else 1), (
         count, sorted(set(names))[:20])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.NAdam, fusedopt.RAdam, fusedopt.LAMB])
+def test_launched_kernels_are_the_static_roofline_builds(cls, dtype):
+    """What the driver loaded, after one step: the build the register-cap rule settled on
+    (kernels/skeleton.py, Prepared) has no spills, and its step kernel at most REGISTER_CAP
+    registers as fusedopt-bench static predicts for sm_90 (LAMB's sums kernel may take more
+    in bf16: README, static roofline). Every later launch is that build's."""
+    from fusedopt.kernels import skeleton
+
+    params = [torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
+              for n in (5000, 70000, 3)]
+    opt = cls(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    torch.cuda.synchronize()
+    prepared = {key: kernel for bucket in opt._buckets
+                for key, kernel in bucket.runner.prepared.items()}
+    assert ("step", next(iter(opt._buckets)).variant) in prepared
+    for (kind, _), kernel in prepared.items():
+        assert kernel.options_settled and kernel.compiled is not None
+        assert kernel.compiled.n_spills == 0, (kind, kernel.options)
+        if kind == "step":
+            assert kernel.compiled.n_regs <= skeleton.REGISTER_CAP, kernel.options
