@@ -1566,10 +1566,11 @@ class Pool:
             return self.results[job.key]
 
 
-#: Planned seconds on this project's 2-core VM: one compile with a cold triton cache (an
-#: average: 3-5 s for SGD or Lion, 10-30 s for the Adam family, whose kernels are 3-5x
-#: longer), and starting a worker (importing torch and triton).
-COMPILE_S = 8.0
+#: Planned seconds on this project's 2-core VM: one compile with a cold triton cache, per
+#: worker (measured with 2 workers: the bare run's 6 kernels in 11 s, every optimizer's 28 in
+#: 66 s, a second build under the register cap included where one is needed), and starting a
+#: worker (importing torch and triton).
+COMPILE_S = 5.0
 WORKER_START_S = 5.0
 
 
