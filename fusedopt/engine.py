@@ -349,16 +349,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         return WrittenMemory(written, f"fusedopt.{type(self).__name__}")
 
     def _tables_memory(self) -> list:
-        written = []
+        written: list = []
         for bucket in self._buckets:
-            table = bucket.table
-            if table is None or not table.params or table.params[0].device.type == "meta":
-                continue
-            for k, p in enumerate(table.local_params):
-                name = bucket._namer(bucket.live[k])
-                written.append((span(p), lambda name=name: f"parameter {name()}"))
-            for t in table.owned:
-                written.append((span(t), lambda: "an optimizer state"))
+            bucket.table_memory(written)
         return written
 
     def _same_groups(self, flags: list[dict[str, bool]]) -> bool:
@@ -643,20 +636,27 @@ class _Bucket:
         self._check_all(grads)
         self.pending = ("rebuild", grads)
 
+    def table_memory(self, written: list) -> bool:
+        """Add (span, describe) of the params and states of this bucket's table to
+        ``written``; False where there is no table (or only meta tensors) to add."""
+        table = self.table
+        if table is None or not table.params or table.params[0].device.type == "meta":
+            return False
+        for k, p in enumerate(table.local_params):
+            name = self._namer(self.live[k])
+            written.append((span(p), lambda name=name: f"parameter {name()}"))
+        written.extend((span(t), lambda: "an optimizer state") for t in table.owned)
+        return True
+
     def memory(self, written: list, grads: list) -> None:
         """Add (span, describe) of what this bucket's launch writes this step (params with a
         grad, their existing states and scalar states: states yet to be created are new
         memory) to ``written``, and (grad, describe) of its grads to ``grads``."""
         pending = self.pending
         if pending[0] != "rebuild":
-            table = self.table
-            if table is None or not table.params or table.params[0].device.type == "meta":
+            if not self.table_memory(written):
                 return
-            for k, p in enumerate(table.local_params):
-                name = self._namer(self.live[k])
-                written.append((span(p), lambda name=name: f"parameter {name()}"))
-            written.extend((span(t), lambda: "an optimizer state") for t in table.owned)
-            step_grads = pending[2] if pending[0] == "grads" else table.grads
+            step_grads = pending[2] if pending[0] == "grads" else self.table.grads
             grads.extend((local(g), self._namer(self.live[k]))
                          for k, g in enumerate(step_grads))
             return

@@ -413,14 +413,16 @@ def _elements(param, grad, states, offs, mask, per_tensor, acc, BODY: tl.constex
 
 @triton.jit
 def _chunk(tensors, num_tensors, work, NUM_STATES: tl.constexpr, NUM_SCALARS: tl.constexpr,
-           VECTOR: tl.constexpr):
+           VECTOR: tl.constexpr, CHECK_ALIGNMENT: tl.constexpr):
     """This program's chunk and its tensor's row of the table, read once: (tensor index,
     first element, numel, shift, same, param address, grad address, state addresses, group,
     fresh pointer, scalar pointers). ``same``: every tensor's address has the same remainder
     modulo 16 bytes, and ``shift`` elements bring them all to a 16-byte boundary. The kernels
     cast the addresses to pointers themselves: a pointer made in here and hinted
     ``multiple_of`` on the aligned path carried the hint onto the masked path too (triton
-    3.9, seen in the PTX), which would misread unaligned storage (tests/test_codegen.py)."""
+    3.9, seen in the PTX), which would misread unaligned storage (tests/test_codegen.py).
+    With CHECK_ALIGNMENT (the interpreter), numel is 0 where an access of the aligned paths
+    would be misaligned, so that the program updates nothing and the tests see it."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(work + 2 * pid)
     start = tl.load(work + 2 * pid + 1)
@@ -442,6 +444,10 @@ def _chunk(tensors, num_tensors, work, NUM_STATES: tl.constexpr, NUM_SCALARS: tl
     group = tl.load(row + COL_GROUP * num_tensors)
     fresh_ptr = tl.load(row + COL_FRESH * num_tensors).to(tl.pointer_type(tl.int64))
     shift = ((16 - offset) & 15) // (16 // VECTOR)  # (addresses are whole elements apart)
+    if CHECK_ALIGNMENT:  # (the interpreter only: see _frame_misaligned)
+        misaligned = _frame_misaligned(param_addr, grad_addr, state_addrs, shift, NUM_STATES,
+                                       VECTOR)
+        numel = tl.where((differs == 0) & misaligned, 0, numel)
     return (t, start, numel, shift, differs == 0, param_addr, grad_addr, state_addrs, group,
             fresh_ptr, scalar_ptrs)
 
@@ -522,11 +528,8 @@ def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_coun
     run, scaling = _amp(grad_scale, found_inf, clip_coef, UNSCALE, SKIP_ON_INF, CLIP)
     if run:
         (t, start, numel, shift, same, param_addr, grad_addr, state_addrs, group, fresh_ptr,
-         scalar_ptrs) = _chunk(tensors, num_tensors, work, NUM_STATES, NUM_SCALARS, VECTOR)
-        if CHECK_ALIGNMENT:
-            misaligned = _frame_misaligned(param_addr, grad_addr, state_addrs, shift,
-                                           NUM_STATES, VECTOR)
-            numel = tl.where(same & misaligned, 0, numel)
+         scalar_ptrs) = _chunk(tensors, num_tensors, work, NUM_STATES, NUM_SCALARS, VECTOR,
+                               CHECK_ALIGNMENT)
         param = param_addr.to(tl.pointer_type(STORAGE))
         grad = grad_addr.to(tl.pointer_type(STORAGE))
         states = ()
@@ -590,11 +593,8 @@ def multi_tensor_sums(tensors, num_tensors, work, hyper, hyper_stride, sums, gra
     run, scaling = _amp(grad_scale, found_inf, clip_coef, UNSCALE, SKIP_ON_INF, CLIP)
     if run:
         (t, start, numel, shift, same, param_addr, grad_addr, state_addrs, group, fresh_ptr,
-         scalar_ptrs) = _chunk(tensors, num_tensors, work, NUM_STATES, NUM_SCALARS, VECTOR)
-        if CHECK_ALIGNMENT:
-            misaligned = _frame_misaligned(param_addr, grad_addr, state_addrs, shift,
-                                           NUM_STATES, VECTOR)
-            numel = tl.where(same & misaligned, 0, numel)
+         scalar_ptrs) = _chunk(tensors, num_tensors, work, NUM_STATES, NUM_SCALARS, VECTOR,
+                               CHECK_ALIGNMENT)
         param = param_addr.to(tl.pointer_type(STORAGE))
         grad = grad_addr.to(tl.pointer_type(STORAGE))
         states = ()
