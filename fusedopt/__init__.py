@@ -11,11 +11,13 @@ from fusedopt.optimizers import (
     LAMB,
     SGD,
     Adadelta,
+    Adafactor,
     Adagrad,
     Adam,
     Adamax,
     AdamW,
     Lion,
+    Muon,
     NAdam,
     RAdam,
     RMSprop,
@@ -25,5 +27,5 @@ from fusedopt.optimizers import (
 __version__ = "0.1.0"
 
 __all__ = ["Adam", "AdamW", "SGD", "Adagrad", "Adadelta", "RMSprop", "NAdam", "RAdam", "Adamax",
-           "Rprop", "ASGD", "Lion", "LAMB", "LBFGS", "FusedOptimizer", "BACKENDS",
+           "Rprop", "ASGD", "Adafactor", "Muon", "Lion", "LAMB", "LBFGS", "FusedOptimizer", "BACKENDS",
            "resolve_backend"]

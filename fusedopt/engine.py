@@ -71,6 +71,31 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Kernel launches per step for each (device, dtype, variant) bucket."""
         return 2 if self.algorithm.sums else 1
 
+    #: Whether the update needs each whole tensor (per-tensor norms, row and column sums,
+    #: matrix products): the kernels cannot run on FSDP2's local shards then.
+    whole_tensors = False
+
+    def _param_kind(self, p: Tensor) -> Any:
+        """What else, besides device, dtype and flags, puts params in separate buckets (and
+        may give them other states: see :meth:`_state_names`); None: nothing."""
+        return None
+
+    def _state_shape(self, name: str, p: Tensor) -> torch.Size:
+        """The shape of state ``name`` of ``p``: the param's (every element-wise update)."""
+        return p.shape
+
+    def _check_update(self, p: Tensor, grad: Tensor, where: str) -> None:
+        """What the spec's torch twin refuses at step time (complex params, shapes), raised
+        as torch raises it, before any bucket updates anything."""
+
+    def _triton_runner(self, variant: Variant, table: TensorTable, groups: list[int],
+                       fresh: list[Tensor | None], device: torch.device) -> Any:
+        """The kernel runner of a bucket: the element-wise skeleton's, unless the spec
+        updates whole tensors (see :mod:`fusedopt.matrix`)."""
+        from fusedopt.runners import TritonRunner
+
+        return TritonRunner(variant, table, groups, fresh, device)
+
     def _state_init(self, name: str, group: dict) -> float:
         return 0.0
 
@@ -101,8 +126,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _group_hyper(self, group: dict) -> dict[str, Any]:
         return self._named("hyper", self._hyperparams(group))
 
-    def _variant_states(self, flags: dict[str, bool]) -> tuple[str, ...]:
-        names = tuple(self._state_names(flags))
+    def _variant_states(self, flags: dict[str, bool], kind: Any = None) -> tuple[str, ...]:
+        names = tuple(self._state_names(flags) if kind is None
+                      else self._state_names(flags, kind))
         if [s for s in self.algorithm.states if s in names] != list(names):
             raise TypeError(f"fusedopt.{type(self).__name__}._state_names() gives {names}, not "
                             f"among {self.algorithm.states} in that order")
@@ -232,26 +258,31 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_group_options(saved, loaded=True)
             try:
                 self._group_hyper(saved)
-                names = self._variant_states(self._group_flags(saved))
+                flags = self._group_flags(saved)
+                self._variant_states(flags)
             except KeyError as e:
                 raise ValueError(f"loaded state dict has a parameter group without {e}: it was "
                                  f"not saved by {owner} or its torch.optim twin") from None
-            required = self.algorithm.scalars + names
             for param_id, p in zip(saved["params"], group["params"]):
                 state = saved_state.get(param_id)
                 if not state:
                     continue
+                names = self._variant_states(flags, self._param_kind(p))
+                required = self.algorithm.scalars + names
                 missing = [k for k in required if k not in state]
                 if missing:
                     raise ValueError(f"loaded state dict has no {missing} for a parameter: it "
                                      f"was not saved by {owner} or its torch.optim twin")
                 for k in names:
                     value = state[k]
+                    expected = self._state_shape(k, p)
                     if value is not None and (not isinstance(value, Tensor)
-                                              or value.shape != p.shape):
+                                              or value.shape != expected):
                         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value)
                         raise ValueError(f"loaded state {k!r} has shape {shape}, but its "
-                                         f"parameter has shape {tuple(p.shape)}")
+                                         f"parameter has shape {tuple(p.shape)}"
+                                         + ("" if expected == p.shape else
+                                            f" (so {k!r} should have {tuple(expected)})"))
 
     # ---- the step -----------------------------------------------------------------------------
 
@@ -529,13 +560,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         members: dict[tuple, list[tuple[Tensor, int]]] = {}
         for index, (group, group_flags) in enumerate(zip(self.param_groups, flags)):
             for p in group["params"]:
-                key = (p.device, real_dtype(p), tuple(group_flags.values()))
+                key = (p.device, real_dtype(p), tuple(group_flags.values()), self._param_kind(p))
                 members.setdefault(key, []).append((p, index))
         self._group_params = [list(g["params"]) for g in self.param_groups]
         self._group_flags_seen = flags
         self._seen_state_changes = getattr(self.state, "changes", [-1])[0]
-        return [_Bucket(self, device, dtype, flags[entries[0][1]], entries)
-                for (device, dtype, _), entries in members.items()]
+        return [_Bucket(self, device, dtype, flags[entries[0][1]], entries, kind)
+                for (device, dtype, _, kind), entries in members.items()]
 
 
 _GRAD = operator.attrgetter("grad")
@@ -583,22 +614,24 @@ class _Bucket:
     """
 
     def __init__(self, opt: FusedOptimizer, device: torch.device, dtype: torch.dtype,
-                 flags: dict[str, bool], entries: list[tuple[Tensor, int]]):
+                 flags: dict[str, bool], entries: list[tuple[Tensor, int]], kind: Any = None):
         self.opt = opt
         self.owner = f"fusedopt.{type(opt).__name__}"
         self.device = device
         self.dtype = dtype
+        self.kind = kind
         self.members = [p for p, _ in entries]
         self.group_of = [g for _, g in entries]
-        self.variant = Variant(opt.algorithm, opt._variant_states(flags),
+        self.variant = Variant(opt.algorithm, opt._variant_states(flags, kind),
                                tuple(flags.values()), dtype)
         self.backend = resolve_backend(opt._backend_request, device)
         # The reference path runs DTensor ops as they are; the kernels take the local shards.
         self.sharded = self.backend == "triton" and any(map(is_dtensor, self.members))
-        if self.sharded and opt.algorithm.sums:
+        if self.sharded and (opt.algorithm.sums or opt.whole_tensors):
             raise NotImplementedError(
-                f"{self.owner} with sharded (FSDP2/DTensor) parameters: its per-tensor norms "
-                "would need a reduction across the shards; use backend='reference' for it")
+                f"{self.owner} with sharded (FSDP2/DTensor) parameters: its per-tensor "
+                "reductions would need the whole tensors, across the shards; use "
+                "backend='reference' for it")
         self.table: TensorTable | None = None
         self.runner: Any = None
         self.grads_seen: list[Tensor | None] | None = None  # grads the table was made with
@@ -706,6 +739,7 @@ class _Bucket:
             name = self._name(i)
             check_param(p, self.owner)  # ``p.data`` may have been re-pointed since
             check_grad(g, p, self.owner, name)
+            self.opt._check_update(p, g, name)
             check_existing_state(self.opt, p, (*self.variant.states, ), self.owner, name)
 
     def run(self, hyper: list[dict[str, Any]], grad_scale: Tensor | None = None,
@@ -739,7 +773,7 @@ class _Bucket:
 
     def _rebuild(self, grads: list[Tensor | None]) -> StateOfBucket:
         """State, table and runner for the params that have grads now."""
-        from fusedopt.runners import ReferenceRunner, TritonRunner
+        from fusedopt.runners import ReferenceRunner
 
         live = self.live = [i for i, g in enumerate(grads) if g is not None]
         params = [self.members[i] for i in live]
@@ -752,7 +786,8 @@ class _Bucket:
         if not live:
             self.runner = None  # nothing to update until a param has a grad
         elif self.backend == "triton":
-            self.runner = TritonRunner(self.variant, table, groups, state.fresh, self.device)
+            self.runner = self.opt._triton_runner(self.variant, table, groups, state.fresh,
+                                                  self.device)
         else:
             self.runner = ReferenceRunner(self.variant, table, groups, state.fresh)
         self.table = table

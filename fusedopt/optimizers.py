@@ -9,6 +9,8 @@ spec gives (hyperparameters, flags, states) are those of its algorithm's declara
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -289,6 +291,117 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
 
     def _scalar_init(self, name: str, group: dict) -> float:
         return {"eta": float(group["lr"]), "mu": 1.0}.get(name, 0.0)
+
+
+class Adafactor(FusedOptimizer, torch.optim.Adafactor):
+    """torch.optim.Adafactor, four multi-tensor tile launches per step (three for a bucket of
+    vectors), whatever the number of tensors.
+
+    Same arguments as :class:`torch.optim.Adafactor`, plus ``backend`` (see :class:`Adam`).
+    Params of 2 or more dims keep torch's factored ``row_var`` and ``col_var`` (over the last
+    two dims), the others ``variance``; as torch, ``eps=(None, ...)`` takes the machine
+    epsilon of the group's first param with a grad. Launches: the sums of g^2 by row and by
+    column and ||theta||^2; the new factors and their means; ||U||^2; the update. See
+    :func:`fusedopt.reference.adafactor` for the math.
+    """
+
+    torch_options = ("lr", "beta2_decay", "eps", "d", "weight_decay", "maximize")
+    algorithm = algorithms.ADAFACTOR
+    whole_tensors = True
+
+    def _hyperparams(self, group: dict) -> dict[str, float]:
+        eps1, eps2 = group["eps"]
+        if eps1 is None:
+            dtype = next((p.dtype for p in group["params"] if p.grad is not None),
+                         torch.get_default_dtype())
+            eps1 = torch.finfo(dtype).eps
+        return {"lr": group["lr"], "beta2_decay": float(group["beta2_decay"]),
+                "eps1": float(eps1), "eps2": float(eps2), "d": float(group["d"]),
+                "weight_decay": float(group["weight_decay"])}
+
+    def _flags(self, group: dict) -> dict[str, bool]:
+        return {"maximize": _maximize(group)}
+
+    def _param_kind(self, p: Tensor) -> str:
+        return "factored" if p.dim() > 1 else "vector"
+
+    def _state_names(self, flags: dict[str, bool], kind: str = "vector") -> tuple[str, ...]:
+        return ("row_var", "col_var") if kind == "factored" else ("variance",)
+
+    def _state_shape(self, name: str, p: Tensor) -> torch.Size:
+        shape = list(p.shape)
+        if name == "row_var":
+            shape[-1] = 1
+        elif name == "col_var":
+            shape[-2] = 1
+        return torch.Size(shape)
+
+    def _check_update(self, p: Tensor, grad: Tensor, where: str) -> None:
+        if p.is_complex():
+            raise RuntimeError("Adafactor does not support complex parameters")
+        if p.numel() == 0:
+            # torch divides by RMS(U) over no elements (ZeroDivisionError); say why instead
+            raise RuntimeError(f"fusedopt.Adafactor: {where} has no elements; torch.optim."
+                               "Adafactor fails on it too (its update RMS divides by zero)")
+
+    @property
+    def launches_per_step(self) -> int:
+        return 4
+
+    def _triton_runner(self, variant, table, groups, fresh, device):
+        from fusedopt.tiled import AdafactorRunner
+
+        return AdafactorRunner(variant, table, groups, device)
+
+
+class Muon(FusedOptimizer, torch.optim.Muon):
+    """torch.optim.Muon: two multi-tensor tile launches per step around the Newton-Schulz
+    iterations, which run batched over every matrix of the same shape (tall ones transposed
+    to join the wide ones), in bf16 as torch's, 3 matmuls per iteration per batch.
+
+    Same arguments as :class:`torch.optim.Muon`, plus ``backend`` (see :class:`Adam`). 2-D
+    params only, as torch. See :func:`fusedopt.reference.muon` for the math.
+    """
+
+    torch_options = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps",
+                     "ns_steps", "adjust_lr_fn")
+    algorithm = algorithms.MUON
+    whole_tensors = True
+
+    def _hyperparams(self, group: dict) -> dict[str, Any]:
+        coefficients, steps = group["ns_coefficients"], group["ns_steps"]
+        # torch raises these in its Newton-Schulz, at the step: here before any update
+        if steps >= 100:
+            raise ValueError("Number of steps must be less than 100 for computational "
+                             "efficiency")
+        if len(coefficients) != 3:
+            raise ValueError("Coefficients must be a tuple of exactly 3 values")
+        return {"lr": group["lr"], "weight_decay": float(group["weight_decay"]),
+                "momentum": float(group["momentum"]),
+                "ns_coefficients": tuple(float(c) for c in coefficients),
+                "eps": float(group["eps"]), "ns_steps": int(steps),
+                "adjust_lr_fn": group["adjust_lr_fn"]}
+
+    def _flags(self, group: dict) -> dict[str, bool]:
+        return {"nesterov": bool(group["nesterov"])}
+
+    def _state_names(self, flags: dict[str, bool]) -> tuple[str, ...]:
+        return ("momentum_buffer",)
+
+    def _check_update(self, p: Tensor, grad: Tensor, where: str) -> None:
+        if p.is_complex():
+            raise RuntimeError("Muon does not support complex parameters")
+        if grad.ndim != 2:
+            raise ValueError("Param gradient must be a 2D matrix")
+
+    @property
+    def launches_per_step(self) -> int:
+        return 2
+
+    def _triton_runner(self, variant, table, groups, fresh, device):
+        from fusedopt.tiled import MuonRunner
+
+        return MuonRunner(variant, table, groups, device)
 
 
 def _check_common(lr, betas, weight_decay) -> None:

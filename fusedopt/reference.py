@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from fusedopt.kernels.algorithms import ALGORITHMS
+from fusedopt.kernels.algorithms import ALGORITHMS, TILED_ALGORITHMS
 
 # ---- pieces the algorithms share -------------------------------------------------------------
 
@@ -339,6 +339,98 @@ def asgd(param: Tensor, grad: Tensor, ax: Tensor, *, step: float, eta: Tensor, m
     mu.copy_(torch.as_tensor(1 / max(1, step - t0)))
 
 
+def adafactor(param: Tensor, grad: Tensor, row_var: Tensor | None, col_var: Tensor | None,
+              variance: Tensor | None, *, step: float, lr: float, beta2_decay: float,
+              eps1: float, eps2: float, d: float, weight_decay: float, maximize: bool) -> None:
+    r"""Adafactor (Shazeer & Stern, 2018), as torch.optim.Adafactor: second moments factored
+    into row and column means for params of 2 or more dims (``row_var``, ``col_var``, over the
+    last two dims), kept whole for the rest (``variance``); relative step size, update
+    clipping, and lr-scaled decoupled weight decay.
+
+    .. math::
+        \hateta_t &= t^{	au}, \quad ho_t = \min(\gamma, 1/\sqrt t), \quad
+        lpha_t = \max(\epsilon_2, \mathrm{RMS}(	heta))\,ho_t \
+        R &\leftarrow \mathrm{lerp}(R, \overline{g^2}_{	ext{row}}, \hateta_t), \quad
+        C \leftarrow \mathrm{lerp}(C, \overline{g^2}_{	ext{col}}, \hateta_t), \quad
+        \hat V = rac{R\,C}{\max(ar R, \epsilon_1)} \
+        U &= g / \sqrt{\max(\hat V, \epsilon_1^2)}, \quad
+        	heta \leftarrow 	heta(1 - \gamma\lambda)
+            - rac{lpha_t}{\max(1, \mathrm{RMS}(U)/d)}\,U
+
+    ``eps1`` is the group's (torch takes ``finfo(dtype).eps`` of its first param with a grad
+    when it is None: the spec resolves that).
+    """
+    grad = _signed(grad, maximize)
+    one_minus_beta2_t = step ** beta2_decay
+    rho_t = min(lr, 1 / (step ** 0.5))
+    alpha = max(eps2, param.norm(2).item() / (param.numel() ** 0.5)) * rho_t
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    if grad.dim() > 1:
+        row_mean = torch.linalg.vector_norm(grad, dim=-1, keepdim=True).square_()
+        row_var.lerp_(row_mean.div_(grad.size(-1)), one_minus_beta2_t)
+        col_mean = torch.linalg.vector_norm(grad, dim=-2, keepdim=True).square_()
+        col_var.lerp_(col_mean.div_(grad.size(-2)), one_minus_beta2_t)
+        var_estimate = row_var @ col_var
+        var_estimate.div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+    else:
+        variance.lerp_(grad * grad, one_minus_beta2_t)
+        var_estimate = variance.clone()
+    update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
+    denom = max(1.0, update.norm(2).item() / ((update.numel() ** 0.5) * d))
+    param.add_(update, alpha=-alpha / denom)
+
+
+def newton_schulz(update: Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
+                  eps: float) -> Tensor:
+    r"""Muon's orthogonalisation of a matrix, as torch.optim.Muon: in bfloat16, on the wide
+    orientation (the transpose of a tall matrix), ``ns_steps`` quintic Newton-Schulz steps
+
+    .. math::
+        X \leftarrow X / \max(\|X\|_F, \epsilon), \qquad
+        A = X X^	op, \quad X \leftarrow aX + (bA + cA^2)X
+    """
+    a, b, c = ns_coefficients
+    x = update.bfloat16()
+    tall = update.size(0) > update.size(1)
+    if tall:
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))
+    for _ in range(int(ns_steps)):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def muon_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """Muon's lr for a matrix of ``shape``: the installed torch's own rule (``adjust_lr_fn``:
+    None or "original" scales by sqrt(max(1, A/B)), "match_rms_adamw" by 0.2 sqrt(max(A, B)),
+    and whatever else that torch knows)."""
+    from torch.optim._muon import _adjust_lr
+
+    return _adjust_lr(lr, adjust_lr_fn, shape)
+
+
+def muon(param: Tensor, grad: Tensor, momentum_buffer: Tensor, *, lr: float,
+         weight_decay: float, momentum: float, ns_coefficients: tuple[float, float, float],
+         eps: float, ns_steps: int, adjust_lr_fn: str | None, nesterov: bool) -> None:
+    r"""Muon (Jordan et al., 2024), as torch.optim.Muon: momentum (Nesterov by default), the
+    update orthogonalised by :func:`newton_schulz`, lr-scaled decoupled weight decay.
+
+    .. math::
+        B \leftarrow \mathrm{lerp}(B, g, 1 - \mu), \quad
+        U = \mathrm{NS}(\mathrm{lerp}(g, B, \mu) 	ext{ (Nesterov) or } B), \quad
+        	heta \leftarrow 	heta(1 - \gamma\lambda) - \gamma'\,U
+
+    with :math:`\gamma'` the lr adjusted to the matrix's shape (:func:`muon_lr`).
+    """
+    momentum_buffer.lerp_(grad, 1 - momentum)
+    update = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
+    update = newton_schulz(update, ns_coefficients, ns_steps, eps)
+    param.mul_(1 - lr * weight_decay)
+    param.add_(update, alpha=-muon_lr(lr, adjust_lr_fn, param.shape))
+
+
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     """The dtype torch computes in for ``dtype`` storage: float64 stays, the rest use float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -346,6 +438,6 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 
 # ---- every reference function takes exactly what its declaration names ------------------------
 
-for _name, _algorithm in ALGORITHMS.items():
+for _name, _algorithm in {**ALGORITHMS, **TILED_ALGORITHMS}.items():
     _algorithm.check_reference(globals()[_name])
 del _name, _algorithm

@@ -47,7 +47,10 @@ class ReferenceRunner:
             grads = [g * inv_scale.to(g.device) for g in grads]
         if clip_coef is not None:  # clip_grad_norm_'s coefficient, as torch multiplies by it
             grads = [g * clip_coef.to(g.device, g.dtype) for g in grads]
-        hyper = [{k: float(v) for k, v in h.items()} for h in hyper]
+        # numbers as Python floats (a tensor lr is read); Muon's coefficients, step count and
+        # lr rule stay what they are
+        hyper = [{k: float(v) if isinstance(v, (Tensor, float, int)) else v
+                  for k, v in h.items()} for h in hyper]
         flags = dict(zip(algorithm.flags, self.variant.flags))
         absent = {s: None for s in algorithm.states if s not in self.variant.states}
         for k, (p, g) in enumerate(zip(table.params, grads)):
@@ -110,6 +113,7 @@ class TritonRunner:
                                  dtype=variant.compute) if variant.algorithm.sums else None)
         self.param_strides = [p.stride() for p in table.local_params]
         self.hyper_rows: list[tuple] | None = None
+        self.hyper: Tensor | None = None
         self.prepared: dict = {}  # this bucket's compiled kernels, launched without the JIT
         self.grad_copies: dict[int, Tensor] | None = None
         self.accept_grads(table.grad_pointers)
@@ -155,22 +159,27 @@ class TritonRunner:
             state.copy_(copy)
 
     def _update_hyper_table(self, hyper: list[dict[str, Any]], capturable: bool) -> None:
-        """Re-upload the float64 hyperparameter table when a value changed. Tensor values on
-        an accelerator (a CUDA lr), and with capturable every tensor value, are not read on
-        the host (that would sync) but copied into their slots on the device at every step,
-        so a CUDA graph replays the copies with the current values. CPU tensors are read."""
+        self.hyper, self.hyper_rows = device_hyper_table(
+            [tuple(h.values()) for h in hyper], self.hyper_rows, self.hyper, self.device,
+            capturable)
 
-        def in_slot(value: Any) -> bool:
-            return isinstance(value, Tensor) and (capturable or value.device.type != "cpu")
 
-        rows = [tuple(h.values()) for h in hyper]
-        slots = [(r, c, v) for r, row in enumerate(rows) for c, v in enumerate(row)
-                 if in_slot(v)]
-        rows = [tuple(None if in_slot(v) else float(v) for v in row) for row in rows]
-        if rows != self.hyper_rows:
-            table = [[0.0 if v is None else v for v in row] for row in rows]
-            self.hyper = torch.tensor(table, dtype=torch.float64).to(self.device,
-                                                                      non_blocking=True)
-            self.hyper_rows = rows
-        for r, c, value in slots:  # (reshape: torch takes any one-element tensor)
-            self.hyper[r, c].copy_(value.reshape(()), non_blocking=True)
+def device_hyper_table(rows: list[tuple], seen: list[tuple] | None, table: Tensor | None,
+                       device: torch.device, capturable: bool) -> tuple[Tensor, list[tuple]]:
+    """The groups' numeric hyperparameters (one row per group) as a float64 device table:
+    ``(table, rows seen)``, re-uploaded only when a value changed since ``seen``. Tensor
+    values on an accelerator (a CUDA lr), and with capturable every tensor value, are not read
+    on the host (that would sync) but copied into their slots on the device at every step, so
+    a CUDA graph replays the copies with the current values. CPU tensors are read."""
+
+    def in_slot(value: Any) -> bool:
+        return isinstance(value, Tensor) and (capturable or value.device.type != "cpu")
+
+    slots = [(r, c, v) for r, row in enumerate(rows) for c, v in enumerate(row) if in_slot(v)]
+    rows = [tuple(None if in_slot(v) else float(v) for v in row) for row in rows]
+    if rows != seen or table is None:
+        values = [[0.0 if v is None else v for v in row] for row in rows]
+        table = torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True)
+    for r, c, value in slots:  # (reshape: torch takes any one-element tensor)
+        table[r, c].copy_(value.reshape(()), non_blocking=True)
+    return table, rows

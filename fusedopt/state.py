@@ -161,9 +161,13 @@ class StateOfBucket:
             value = dict.get(state, name)
             if value is None:
                 init = self.opt._state_init(name, group)
-                value = (torch.full_like(p, complex(init, init) if p.is_complex() else init,
-                                         memory_format=torch.preserve_format)
-                         if init else torch.zeros_like(p, memory_format=torch.preserve_format))
+                shape = self.opt._state_shape(name, p)
+                if shape != p.shape:  # a factored state (Adafactor's row and column factors)
+                    value = torch.full(shape, init, dtype=p.dtype, device=p.device)
+                else:
+                    value = (torch.full_like(p, complex(init, init) if p.is_complex() else init,
+                                             memory_format=torch.preserve_format) if init
+                             else torch.zeros_like(p, memory_format=torch.preserve_format))
                 fresh = True
                 self.created.append((state, name))
                 state[name] = value
@@ -213,10 +217,13 @@ def check_existing_state(opt, p: Tensor, names: tuple[str, ...], owner: str, whe
         if not isinstance(value, Tensor):
             raise ValueError(f"{owner}: state {name!r} of {where} is a "
                              f"{type(value).__name__}, not a tensor")
-        if value.dtype != p.dtype or value.device != p.device or value.shape != p.shape:
+        shape = opt._state_shape(name, p)
+        if value.dtype != p.dtype or value.device != p.device or value.shape != shape:
+            expected = "" if shape == p.shape else f" (so {name!r} has shape {tuple(shape)})"
             raise ValueError(
                 f"{owner}: state {name!r} is {describe(value)}, but its parameter ({where}) "
-                f"is {describe(p)}; fusedopt keeps state in the parameter's dtype, shape and "
-                "device (move the optimizer's state along with the model)")
+                f"is {describe(p)}{expected}; fusedopt keeps state in the parameter's dtype "
+                "and device, shaped as torch.optim does (move the optimizer's state along "
+                "with the model)")
         if value.layout != torch.strided:
             raise ValueError(f"{owner}: state {name!r} of {where} is a {value.layout} tensor")

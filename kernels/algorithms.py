@@ -149,3 +149,19 @@ ASGD = Algorithm("asgd", states=("ax",), hyper=("lr", "lambd", "alpha", "t0", "w
 #: every declaration, by name
 ALGORITHMS = {a.name: a for a in (ADAM, SGD, ADAGRAD, ADADELTA, RMSPROP, NADAM, RADAM, ADAMAX,
                                   LION, LAMB, RPROP, ASGD)}
+
+# ---- whole-tensor algorithms: per-tensor reductions and matrix work ---------------------------
+# Their kernels are the tile kernels of :mod:`fusedopt.kernels.tiles`, not the element-wise
+# skeleton: they have no ``@triton.jit`` update checked against the declaration, but their
+# reference functions are, and the engine checks their specs' names as for every algorithm.
+
+ADAFACTOR = Algorithm("adafactor", states=("row_var", "col_var", "variance"),
+                      hyper=("lr", "beta2_decay", "eps1", "eps2", "d", "weight_decay"),
+                      flags=("maximize",), scalars=("step",))
+MUON = Algorithm("muon", states=("momentum_buffer",),
+                 hyper=("lr", "weight_decay", "momentum", "ns_coefficients", "eps", "ns_steps",
+                        "adjust_lr_fn"),
+                 flags=("nesterov",))
+
+#: the whole-tensor declarations, by name
+TILED_ALGORITHMS = {a.name: a for a in (ADAFACTOR, MUON)}
