@@ -27,5 +27,6 @@ from fusedopt.optimizers import (
 __version__ = "0.1.0"
 
 __all__ = ["Adam", "AdamW", "SGD", "Adagrad", "Adadelta", "RMSprop", "NAdam", "RAdam", "Adamax",
-           "Rprop", "ASGD", "Adafactor", "Muon", "Lion", "LAMB", "LBFGS", "FusedOptimizer", "BACKENDS",
+           "Rprop", "ASGD", "Adafactor", "Muon", "Lion", "LAMB", "LBFGS", "FusedOptimizer",
+           "BACKENDS",
            "resolve_backend"]

@@ -348,14 +348,14 @@ def adafactor(param: Tensor, grad: Tensor, row_var: Tensor | None, col_var: Tens
     clipping, and lr-scaled decoupled weight decay.
 
     .. math::
-        \hateta_t &= t^{	au}, \quad ho_t = \min(\gamma, 1/\sqrt t), \quad
-        lpha_t = \max(\epsilon_2, \mathrm{RMS}(	heta))\,ho_t \
-        R &\leftarrow \mathrm{lerp}(R, \overline{g^2}_{	ext{row}}, \hateta_t), \quad
-        C \leftarrow \mathrm{lerp}(C, \overline{g^2}_{	ext{col}}, \hateta_t), \quad
-        \hat V = rac{R\,C}{\max(ar R, \epsilon_1)} \
+        \hat\beta_t &= t^{\tau}, \quad \rho_t = \min(\gamma, 1/\sqrt t), \quad
+        \alpha_t = \max(\epsilon_2, \mathrm{RMS}(\theta))\,\rho_t \\
+        R &\leftarrow \mathrm{lerp}(R, \overline{g^2}_{\text{row}}, \hat\beta_t), \quad
+        C \leftarrow \mathrm{lerp}(C, \overline{g^2}_{\text{col}}, \hat\beta_t), \quad
+        \hat V = \frac{R\,C}{\max(\bar R, \epsilon_1)} \\
         U &= g / \sqrt{\max(\hat V, \epsilon_1^2)}, \quad
-        	heta \leftarrow 	heta(1 - \gamma\lambda)
-            - rac{lpha_t}{\max(1, \mathrm{RMS}(U)/d)}\,U
+        \theta \leftarrow \theta(1 - \gamma\lambda)
+            - \frac{\alpha_t}{\max(1, \mathrm{RMS}(U)/d)}\,U
 
     ``eps1`` is the group's (torch takes ``finfo(dtype).eps`` of its first param with a grad
     when it is None: the spec resolves that).
@@ -388,7 +388,7 @@ def newton_schulz(update: Tensor, ns_coefficients: tuple[float, float, float], n
 
     .. math::
         X \leftarrow X / \max(\|X\|_F, \epsilon), \qquad
-        A = X X^	op, \quad X \leftarrow aX + (bA + cA^2)X
+        A = X X^\top, \quad X \leftarrow aX + (bA + cA^2)X
     """
     a, b, c = ns_coefficients
     x = update.bfloat16()
@@ -419,8 +419,8 @@ def muon(param: Tensor, grad: Tensor, momentum_buffer: Tensor, *, lr: float,
 
     .. math::
         B \leftarrow \mathrm{lerp}(B, g, 1 - \mu), \quad
-        U = \mathrm{NS}(\mathrm{lerp}(g, B, \mu) 	ext{ (Nesterov) or } B), \quad
-        	heta \leftarrow 	heta(1 - \gamma\lambda) - \gamma'\,U
+        U = \mathrm{NS}(\mathrm{lerp}(g, B, \mu) \text{ (Nesterov) or } B), \quad
+        \theta \leftarrow \theta(1 - \gamma\lambda) - \gamma'\,U
 
     with :math:`\gamma'` the lr adjusted to the matrix's shape (:func:`muon_lr`).
     """
