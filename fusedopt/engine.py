@@ -732,7 +732,8 @@ class _Bucket:
         """Every input of a rebuild: params (dense, still of this bucket's device and dtype),
         grads (dense, the param's dtype, shape and device) and any state they already have."""
         for i, (p, g) in enumerate(zip(self.members, grads)):
-            if p.device != self.device or real_dtype(p) != self.dtype:
+            if (p.device != self.device or real_dtype(p) != self.dtype
+                    or self.opt._param_kind(p) != self.kind):
                 raise _ParamsRegrouped
             if g is None:
                 continue

@@ -312,7 +312,9 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
     def _hyperparams(self, group: dict) -> dict[str, float]:
         eps1, eps2 = group["eps"]
         if eps1 is None:
-            dtype = next((p.dtype for p in group["params"] if p.grad is not None),
+            # (a loaded group lists param ids, not params: any dtype will do for its checks)
+            dtype = next((p.dtype for p in group["params"]
+                          if isinstance(p, Tensor) and p.grad is not None),
                          torch.get_default_dtype())
             eps1 = torch.finfo(dtype).eps
         return {"lr": group["lr"], "beta2_decay": float(group["beta2_decay"]),

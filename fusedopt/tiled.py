@@ -197,8 +197,8 @@ class _Batch:
     def orthogonalise(self, norms: Tensor, clamped: Tensor) -> None:
         """X / max(||X||, eps) (as torch: the norm rounded to bf16), then the iterations."""
         a, b, c = self.coefficients
-        norm = norms[self.slots].sqrt().to(torch.bfloat16).clamp_(min=self.eps)
-        clamped[self.slots] = norm
+        norm = torch.clamp(norms[self.slots].sqrt().to(torch.bfloat16), min=self.eps,
+                           out=clamped[self.slots])
         x = self.x[0]
         x.div_(norm.view(-1, 1, 1))
         gram, update = self.gram[0], self.gram[1]

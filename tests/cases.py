@@ -317,7 +317,7 @@ def fresh_grads(params: Sequence[torch.Tensor], step: int, seed: int = 1,
         real = p.dtype.to_real() if p.dtype.is_complex else p.dtype
         shape = (*p.shape, 2) if p.dtype.is_complex else p.shape
         scale = 10.0 ** (torch.rand((), generator=gen, dtype=torch.float64).item() * 3 - 2)
-        g = torch.randn(*shape, generator=gen, dtype=torch.float64).mul_(scale).to(real)
+        g = torch.randn(tuple(shape), generator=gen, dtype=torch.float64).mul_(scale).to(real)
         if p.dtype.is_complex:
             g = torch.view_as_complex(g)
         g = g.to(p.device)

@@ -20,7 +20,7 @@ IDS = [cls.__name__ for cls in TWINS]
 
 
 def _params():
-    return [torch.randn(3, requires_grad=True)]
+    return [torch.randn(3, 2, requires_grad=True)]  # 2-D: Muon takes nothing else
 
 
 def test_the_twins_are_found():
