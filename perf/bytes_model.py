@@ -34,14 +34,16 @@ def canonical_dtype(name: str) -> str:
     return key
 
 
-def _specs() -> dict[str, type]:
-    """fusedopt's element-wise optimizers (its FusedOptimizer specs), by name, in the order
-    fusedopt exports them."""
+def element_wise_specs() -> dict[str, type]:
+    """fusedopt's element-wise optimizers (its FusedOptimizer specs on the skeleton), by name,
+    in the order fusedopt exports them. Adafactor and Muon (whole-tensor updates on the tile
+    kernels) are not among them: their traffic is not this model's."""
     import fusedopt
 
     return {name: cls for name in fusedopt.__all__
             if isinstance(cls := getattr(fusedopt, name), type)
-            and issubclass(cls, fusedopt.FusedOptimizer) and cls is not fusedopt.FusedOptimizer}
+            and issubclass(cls, fusedopt.FusedOptimizer) and cls is not fusedopt.FusedOptimizer
+            and not cls.whole_tensors}
 
 
 def state_buffers(optimizer: str, hparams: Mapping[str, Any] | None = None) -> tuple[str, ...]:
@@ -49,7 +51,7 @@ def state_buffers(optimizer: str, hparams: Mapping[str, Any] | None = None) -> t
     off its fusedopt spec (the states its variant for ``hparams`` has: ``amsgrad``, SGD and
     RMSprop ``momentum``, RMSprop ``centered`` add buffers). Names are torch.optim's state keys.
     """
-    specs = _specs()
+    specs = element_wise_specs()
     if optimizer not in specs:
         from .workloads import UnknownNameError
 
@@ -61,7 +63,7 @@ def state_buffers(optimizer: str, hparams: Mapping[str, Any] | None = None) -> t
 
 
 #: Optimizers the bytes model knows: every element-wise optimizer fusedopt has.
-KNOWN = tuple(_specs())
+KNOWN = tuple(element_wise_specs())
 
 
 def bytes_per_param(

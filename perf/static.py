@@ -331,13 +331,11 @@ class StaticJob:
 
 
 def optimizer_specs() -> dict[str, type]:
-    """fusedopt's element-wise optimizers (its FusedOptimizer specs), by name, in the order
-    fusedopt exports them."""
-    import fusedopt
+    """fusedopt's element-wise optimizers, by name (:func:`bytes_model.element_wise_specs`):
+    the skeleton's kernels, which this model reads."""
+    from .bytes_model import element_wise_specs
 
-    return {name: cls for name in fusedopt.__all__
-            if isinstance(cls := getattr(fusedopt, name), type)
-            and issubclass(cls, fusedopt.FusedOptimizer) and cls is not fusedopt.FusedOptimizer}
+    return element_wise_specs()
 
 
 #: A variant flag that is not a constructor argument of the same name: the argument and the
