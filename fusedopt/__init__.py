@@ -22,11 +22,11 @@ from fusedopt.optimizers import (
     RAdam,
     RMSprop,
     Rprop,
+    SparseAdam,
 )
 
 __version__ = "0.1.0"
 
 __all__ = ["Adam", "AdamW", "SGD", "Adagrad", "Adadelta", "RMSprop", "NAdam", "RAdam", "Adamax",
-           "Rprop", "ASGD", "Adafactor", "Muon", "Lion", "LAMB", "LBFGS", "FusedOptimizer",
-           "BACKENDS",
-           "resolve_backend"]
+           "Rprop", "ASGD", "Adafactor", "Muon", "SparseAdam", "Lion", "LAMB", "LBFGS",
+           "FusedOptimizer", "BACKENDS", "resolve_backend"]

@@ -33,7 +33,15 @@ from fusedopt.kernels.algorithms import Algorithm
 from fusedopt.kernels.variant import Variant
 from fusedopt.state import StateOfBucket, WatchedStates, check_existing_state
 from fusedopt.table import TensorTable, WrittenMemory
-from fusedopt.tensors import check_grad, check_param, is_dtensor, local, real_dtype, span
+from fusedopt.tensors import (
+    check_grad,
+    check_param,
+    describe,
+    is_dtensor,
+    local,
+    real_dtype,
+    span,
+)
 from fusedopt.twin import check_options, torch_twin, twin_constructor
 
 
@@ -83,6 +91,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _state_shape(self, name: str, p: Tensor) -> torch.Size:
         """The shape of state ``name`` of ``p``: the param's (every element-wise update)."""
         return p.shape
+
+    #: Sparse (COO) grads: "no" (refused, as torch's twin does), "rows" (accepted: the update
+    #: runs on the rows the coalesced grad holds, see :mod:`fusedopt.kernels.sparse`) or "only"
+    #: (SparseAdam: dense grads are refused).
+    sparse_grads = "no"
+
+    def _check_sparse_group(self, group: dict) -> None:
+        """The options torch's twin refuses with sparse grads, refused as it does."""
 
     def _check_update(self, p: Tensor, grad: Tensor, where: str) -> None:
         """What the spec's torch twin refuses at step time (complex params, shapes), raised
@@ -338,7 +354,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             rebuilt = self._check_memory()
         except BaseException:
             for bucket in self._buckets:
-                bucket.pending = None  # do not keep this step's grads alive
+                bucket.pending = bucket.sparse_pending = None  # do not keep the grads alive
             raise
         self._clip = None  # used once
         hyper = [self._group_hyper(g) for g in groups]
@@ -357,7 +373,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         over every bucket) shares memory with anything else it writes or reads (grads).
         Checked in full where a bucket rebuilds; only the new grads otherwise. Returns whether
         a bucket rebuilds."""
-        if any(b.pending[0] == "rebuild" for b in self._buckets):
+        if any(b.pending[0] == "rebuild" or b.sparse_pending for b in self._buckets):
             written, grads = [], []
             for bucket in self._buckets:
                 bucket.memory(written, grads)
@@ -639,6 +655,7 @@ class _Bucket:
         self.live: list[int] = []  # the members the table holds (those with a grad)
         self.exposures_seen = -1  # optimizer.state's exposure count at the last gather
         self.pending: tuple | None = None  # what gather() decided, for run()
+        self.sparse_pending: list[tuple[int, Tensor]] | None = None  # (member, sparse grad)
 
     def _name(self, i: int) -> str:
         """``param 3 of group 1``: where the user finds the i-th member (for errors)."""
@@ -650,6 +667,9 @@ class _Bucket:
     def gather(self) -> None:
         """Read this step's grads and check what changed; raises before anything changes."""
         grads = list(map(_GRAD, self.members))
+        self.sparse_pending = None
+        if self.opt.sparse_grads != "no":
+            grads = self._take_sparse(grads)
         table = self.table
         counter = getattr(self.opt.state, "exposures", None)  # (none: a mapping of the user's)
         exposures = counter[0] if counter is not None else -2
@@ -669,6 +689,44 @@ class _Bucket:
         self._check_all(grads)
         self.pending = ("rebuild", grads)
 
+    def _take_sparse(self, grads: list[Tensor | None]) -> list[Tensor | None]:
+        """The sparse grads, checked, set aside for their own launch (``sparse_pending``); the
+        dense path sees those params as having no grad this step."""
+        sparse = []
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            if g.layout == torch.sparse_coo:
+                self._check_sparse(i, g)
+                sparse.append((i, g))
+            elif self.opt.sparse_grads == "only":
+                raise RuntimeError(self.opt.dense_grad_error)
+        if not sparse:
+            return grads
+        self.sparse_pending = sparse
+        grads = list(grads)
+        for i, _ in sparse:
+            grads[i] = None
+        return grads
+
+    def _check_sparse(self, i: int, g: Tensor) -> None:
+        p = self.members[i]
+        if (p.device != self.device or real_dtype(p) != self.dtype
+                or self.opt._param_kind(p) != self.kind):
+            raise _ParamsRegrouped
+        name = self._name(i)
+        check_param(p, self.owner)
+        if p.is_complex():
+            raise RuntimeError(f"{self.owner} does not support sparse gradients of complex "
+                               f"parameters ({name})")
+        if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
+            raise RuntimeError(f"{self.owner}: a sparse grad is {g.dtype} of shape "
+                               f"{tuple(g.shape)} on {g.device}, but its parameter ({name}) is "
+                               f"{describe(p)}; fusedopt needs grads of the parameter's dtype, "
+                               "shape and device")
+        self.opt._check_sparse_group(self.opt.param_groups[self.group_of[i]])
+        check_existing_state(self.opt, p, self.variant.states, self.owner, name)
+
     def table_memory(self, written: list) -> bool:
         """Add (span, describe) of the params and states of this bucket's table to
         ``written``; False where there is no table (or only meta tensors) to add."""
@@ -684,7 +742,11 @@ class _Bucket:
     def memory(self, written: list, grads: list) -> None:
         """Add (span, describe) of what this bucket's launch writes this step (params with a
         grad, their existing states and scalar states: states yet to be created are new
-        memory) to ``written``, and (grad, describe) of its grads to ``grads``."""
+        memory) to ``written``, and (grad, describe) of its grads to ``grads``; the same for
+        the params with sparse grads (their grads' values)."""
+        for i, g in self.sparse_pending or ():
+            self._member_memory(i, written)
+            grads.append((g._values(), self._namer(i)))
         pending = self.pending
         if pending[0] != "rebuild":
             if not self.table_memory(written):
@@ -693,20 +755,24 @@ class _Bucket:
             grads.extend((local(g), self._namer(self.live[k]))
                          for k, g in enumerate(step_grads))
             return
-        names = (*self.variant.states, *self.opt.algorithm.scalars)
         for i, g in enumerate(pending[1]):
-            p = self.members[i]
-            if g is None or p.device.type == "meta":
+            if g is None or self.members[i].device.type == "meta":
                 continue
-            name = self._namer(i)
-            written.append((span(p), lambda name=name: f"parameter {name()}"))
-            state = self.opt.state.get(p)
-            for n in names:
-                value = dict.get(state, n) if isinstance(state, dict) else None
-                if isinstance(value, Tensor) and value.device == p.device:
-                    written.append((span(value),
-                                    lambda name=name, n=n: f"state {n!r} of {name()}"))
-            grads.append((local(g), name))
+            self._member_memory(i, written)
+            grads.append((local(g), self._namer(i)))
+
+    def _member_memory(self, i: int, written: list) -> None:
+        """Add (span, describe) of member ``i`` and of its existing states to ``written``."""
+        p = self.members[i]
+        if p.device.type == "meta":
+            return
+        name = self._namer(i)
+        written.append((span(p), lambda name=name: f"parameter {name()}"))
+        state = self.opt.state.get(p)
+        for n in (*self.variant.states, *self.opt.algorithm.scalars):
+            value = dict.get(state, n) if isinstance(state, dict) else None
+            if isinstance(value, Tensor) and value.device == p.device:
+                written.append((span(value), lambda name=name, n=n: f"state {n!r} of {name()}"))
 
     def _namer(self, i: int) -> Callable[[], str]:
         return lambda: self._name(i)
@@ -760,16 +826,38 @@ class _Bucket:
                 self.grads_seen = grads
                 if self.runner is not None:
                     self.runner.accept_grads(pointers)
-            if self.runner is None:
-                return
-            self.runner.run(hyper, self._on_device(grad_scale), self._on_device(found_inf),
-                            self._on_device(clip_coef, self.variant.compute), capturable)
+            if self.runner is not None:
+                self.runner.run(hyper, self._on_device(grad_scale), self._on_device(found_inf),
+                                self._on_device(clip_coef, self.variant.compute), capturable)
         except BaseException:
             # Nothing ran (say, out of memory): forget the state this step created, so that
             # a retry starts it afresh (SGD's first momentum step is not its later ones).
             if state is not None:
                 state.forget_created()
             self.table = None
+            raise
+
+        sparse, self.sparse_pending = self.sparse_pending, None
+        if sparse:
+            self._run_sparse(sparse, hyper, grad_scale, found_inf)
+
+    def _run_sparse(self, sparse: list[tuple[int, Tensor]], hyper: list[dict[str, Any]],
+                    grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """The params with sparse grads: their state (found or created), then one launch over
+        the rows of every grad (or the reference, row by row). Built anew each step: sparse
+        grads come with new rows every step."""
+        from fusedopt.runners import SparseRunner
+
+        params = [self.members[i] for i, _ in sparse]
+        groups = [self.group_of[i] for i, _ in sparse]
+        state = StateOfBucket(self.opt, params, groups, self.variant.states)
+        try:
+            runner = SparseRunner(self.variant, params, [g.coalesce() for _, g in sparse],
+                                  state.states, state.scalars, groups, self.device,
+                                  self.backend)
+            runner.run(hyper, self._on_device(grad_scale), self._on_device(found_inf))
+        except BaseException:
+            state.forget_created()
             raise
 
     def _rebuild(self, grads: list[Tensor | None]) -> StateOfBucket:

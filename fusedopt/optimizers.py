@@ -75,12 +75,27 @@ class AdamW(_AdamSpec, torch.optim.AdamW):
 class SGD(FusedOptimizer, torch.optim.SGD):
     """torch.optim.SGD (momentum, dampening, Nesterov), one fused multi-tensor launch per step.
 
-    Same arguments as :class:`torch.optim.SGD`, plus ``backend`` (see :class:`Adam`).
+    Same arguments as :class:`torch.optim.SGD`, plus ``backend`` (see :class:`Adam`). Sparse
+    grads (``nn.Embedding(sparse=True)``) are taken without momentum and weight decay (torch
+    fails on weight decay; with momentum it keeps a sparse buffer, which fusedopt refuses):
+    one more launch updates the rows they hold.
     See :func:`fusedopt.reference.sgd` for the math.
     """
 
     torch_options = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
     algorithm = algorithms.SGD
+    sparse_grads = "rows"
+
+    def _check_sparse_group(self, group: dict) -> None:
+        if group["weight_decay"] != 0:
+            raise RuntimeError("fusedopt.SGD: weight_decay with a sparse gradient; "
+                               "torch.optim.SGD fails on it too (add(sparse, dense) is not "
+                               "supported)")
+        if group["momentum"] != 0:
+            raise NotImplementedError(
+                "fusedopt.SGD: momentum with a sparse gradient; torch.optim.SGD keeps a sparse "
+                "momentum buffer for it, which fusedopt does not: use torch.optim.SGD, or dense "
+                "gradients")
 
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
@@ -101,12 +116,18 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
     """torch.optim.Adagrad, one fused multi-tensor launch per step.
 
     Same arguments as :class:`torch.optim.Adagrad`, plus ``backend`` (see :class:`Adam`).
-    Dense gradients only. See :func:`fusedopt.reference.adagrad` for the math.
+    Sparse grads are taken as torch takes them (without weight decay): one more launch
+    updates the rows they hold. See :func:`fusedopt.reference.adagrad` for the math.
     """
 
     torch_options = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps",
                      "maximize")
     algorithm = algorithms.ADAGRAD
+    sparse_grads = "rows"
+
+    def _check_sparse_group(self, group: dict) -> None:
+        if group["weight_decay"] != 0:
+            raise RuntimeError("weight_decay option is not compatible with sparse gradients")
 
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
@@ -291,6 +312,40 @@ class ASGD(FusedOptimizer, torch.optim.ASGD):
 
     def _scalar_init(self, name: str, group: dict) -> float:
         return {"eta": float(group["lr"]), "mu": 1.0}.get(name, 0.0)
+
+
+class SparseAdam(FusedOptimizer, torch.optim.SparseAdam):
+    """torch.optim.SparseAdam: one launch per step over the rows every sparse grad holds
+    (:mod:`fusedopt.kernels.sparse`), whatever the number of params.
+
+    Same arguments as :class:`torch.optim.SparseAdam`, plus ``backend`` (see :class:`Adam`).
+    Sparse grads only, as torch. ``state_dict()`` saves ``step`` as an int, as torch does
+    (it is a float32 device scalar between steps). See :func:`fusedopt.reference.sparse_adam`
+    for the math.
+    """
+
+    torch_options = ("lr", "betas", "eps", "maximize")
+    algorithm = algorithms.SPARSE_ADAM
+    sparse_grads = "only"
+    dense_grad_error = "SparseAdam does not support dense gradients, please consider Adam instead"
+
+    def _hyperparams(self, group: dict) -> dict[str, float]:
+        beta1, beta2 = group["betas"]
+        return {"lr": group["lr"], "beta1": float(beta1), "beta2": float(beta2),
+                "eps": float(group["eps"])}
+
+    def _flags(self, group: dict) -> dict[str, bool]:
+        return {"maximize": _maximize(group)}
+
+    def _state_names(self, flags: dict[str, bool]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+    def state_dict(self) -> dict[str, Any]:
+        saved = super().state_dict()
+        for state in saved["state"].values():
+            if isinstance(state.get("step"), Tensor):
+                state["step"] = int(state["step"].item())
+        return saved
 
 
 class Adafactor(FusedOptimizer, torch.optim.Adafactor):

@@ -431,6 +431,32 @@ def muon(param: Tensor, grad: Tensor, momentum_buffer: Tensor, *, lr: float,
     param.add_(update, alpha=-muon_lr(lr, adjust_lr_fn, param.shape))
 
 
+def sparse_adam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *,
+                step: float, lr: float, beta1: float, beta2: float, eps: float,
+                maximize: bool) -> None:
+    r"""SparseAdam, as torch.optim.SparseAdam, on the rows its sparse grad holds: ``param``,
+    ``grad`` and the states are those rows (the engine gathers and scatters them; the rows
+    a grad does not hold keep their moments and values).
+
+    .. math::
+        \Delta m = (1-\beta_1)(g - m), \quad \Delta v = (1-\beta_2)(g^2 - v), \quad
+        m \leftarrow m + \Delta m, \quad v \leftarrow v + \Delta v \\
+        \theta \leftarrow \theta - \gamma\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
+            \frac{m}{\sqrt v + \epsilon}
+    """
+    grad = _signed(grad, maximize)
+    old_exp_avg = exp_avg.clone()
+    exp_avg_update = grad.sub(old_exp_avg).mul_(1 - beta1)
+    exp_avg.add_(exp_avg_update)
+    old_exp_avg_sq = exp_avg_sq.clone()
+    exp_avg_sq_update = grad.pow(2).sub_(old_exp_avg_sq).mul_(1 - beta2)
+    exp_avg_sq.add_(exp_avg_sq_update)
+    numer = exp_avg_update.add_(old_exp_avg)
+    denom = exp_avg_sq_update.add_(old_exp_avg_sq).sqrt_().add_(eps)
+    step_size = lr * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+    param.add_(-step_size * numer.div_(denom))
+
+
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     """The dtype torch computes in for ``dtype`` storage: float64 stays, the rest use float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

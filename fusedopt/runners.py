@@ -183,3 +183,114 @@ def device_hyper_table(rows: list[tuple], seen: list[tuple] | None, table: Tenso
     for r, c, value in slots:  # (reshape: torch takes any one-element tensor)
         table[r, c].copy_(value.reshape(()), non_blocking=True)
     return table, rows
+
+
+class SparseRunner:
+    """The params of a bucket with sparse grads, for one step: the algorithm's element-wise
+    update on the rows each coalesced grad holds (the rows it does not hold are left alone,
+    as torch's sparse updates leave them). ``triton``: one launch of
+    :mod:`fusedopt.kernels.sparse` over every row of every grad; ``reference``: the
+    algorithm's reference function on each param's gathered rows, scattered back."""
+
+    def __init__(self, variant, params: list[Tensor], grads: list[Tensor],
+                 states: list[list[Tensor]], scalars: list[list[Tensor]], groups: list[int],
+                 device: torch.device, backend: str):
+        self.variant, self.params, self.grads = variant, params, grads
+        self.states, self.scalars, self.groups = states, scalars, groups
+        self.device, self.backend = device, backend
+
+    def run(self, hyper: list[dict[str, Any]], grad_scale: Tensor | None,
+            found_inf: Tensor | None) -> None:
+        if self.backend == "triton":
+            self._launch(hyper, grad_scale, found_inf)
+        else:
+            self._reference(hyper, grad_scale, found_inf)
+
+    @staticmethod
+    def _rows(grad: Tensor) -> tuple[Tensor, Tensor, int]:
+        """(row numbers, values as rows, row width) of a coalesced grad: its sparse dims
+        flattened into the row number of the param's row-major (rows x width) view."""
+        sparse_dims = grad.sparse_dim()
+        indices, values = grad._indices(), grad._values()
+        shape = grad.shape
+        width = 1
+        for n in shape[sparse_dims:]:
+            width *= n
+        if sparse_dims == 1:
+            rows = indices[0]
+        else:
+            multipliers = [1] * sparse_dims
+            for d in range(sparse_dims - 2, -1, -1):
+                multipliers[d] = multipliers[d + 1] * shape[d + 1]
+            rows = (indices * torch.tensor(multipliers, device=indices.device)[:, None]).sum(0)
+        return rows.contiguous(), values.reshape(values.shape[0], width).contiguous(), width
+
+    def _launch(self, hyper, grad_scale, found_inf) -> None:
+        from fusedopt.kernels import sparse
+
+        copies = []  # the kernel indexes row-major memory: other layouts go through copies
+
+        def row_major(t: Tensor) -> Tensor:
+            if t.is_contiguous():
+                return t
+            copy = t.contiguous()
+            copies.append((t, copy))
+            return copy
+
+        n = len(self.params)
+        names = sparse.columns(len(self.variant.states), len(self.variant.algorithm.scalars))
+        cols: dict[str, list[int]] = {name: [0] * n for name in names}
+        keep = []  # the row numbers and values, alive until the launch is queued
+        counts = []
+        for k, (p, g) in enumerate(zip(self.params, self.grads)):
+            rows, values, width = self._rows(g)
+            keep += [rows, values]
+            counts.append(rows.numel())
+            cols["PARAM"][k] = row_major(p).data_ptr()
+            cols["VALUES"][k] = values.data_ptr()
+            cols["ROW_INDEX"][k] = rows.data_ptr()
+            cols["NNZ"][k] = rows.numel()
+            cols["WIDTH"][k] = width
+            cols["GROUP"][k] = self.groups[k]
+            for j, s in enumerate(self.states[k]):
+                cols[f"STATE{j}"][k] = row_major(s).data_ptr()
+            for j, s in enumerate(self.scalars[k]):
+                cols[f"SCALAR{j}"][k] = s.data_ptr()
+        tensors = torch.tensor([cols[name] for name in names],
+                               dtype=torch.int64).to(self.device, non_blocking=True)
+        table, _ = device_hyper_table([tuple(h.values()) for h in hyper], None, None,
+                                      self.device, False)
+        done_counts = torch.zeros(n, dtype=torch.int32, device=self.device)
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
+            sparse.launch(self.variant, tensors=tensors, num_tensors=n,
+                          work=sparse.work_list(counts, self.device), hyper=table,
+                          done_counts=done_counts, grad_scale=grad_scale, found_inf=found_inf,
+                          interpreting=interpreting())
+        for original, copy in copies:
+            original.copy_(copy)
+        del keep
+
+    def _reference(self, hyper, grad_scale, found_inf) -> None:
+        if found_inf is not None and found_inf.item() != 0:
+            return  # AMP saw an inf or NaN: GradScaler skips this step
+        algorithm = self.variant.algorithm
+        update = getattr(reference, algorithm.name)
+        flags = dict(zip(algorithm.flags, self.variant.flags))
+        absent = {s: None for s in algorithm.states if s not in self.variant.states}
+        for k, (p, g) in enumerate(zip(self.params, self.grads)):
+            index = tuple(g._indices())  # the held rows, over the sparse dims
+            values = g._values()
+            if grad_scale is not None:  # GradScaler's unscale: times its float32 1/scale
+                values = values * grad_scale.double().reciprocal().float().to(values.device)
+            rows = p[index]
+            held = {name: s[index] for name, s in zip(self.variant.states, self.states[k])}
+            scalars = dict(zip(algorithm.scalars, self.scalars[k]))
+            if "step" in scalars:  # torch counts the step before using it
+                scalars["step"] = scalars["step"].add_(1).item()
+            group = {key: float(v) if isinstance(v, (Tensor, float, int)) else v
+                     for key, v in hyper[self.groups[k]].items()}
+            fresh = {"fresh": False} if algorithm.reads_fresh else {}
+            update(rows, values, **{**absent, **held}, **group, **scalars, **fresh, **flags)
+            p[index] = rows
+            for name, s in zip(self.variant.states, self.states[k]):
+                s[index] = held[name]

@@ -146,9 +146,14 @@ RPROP = Algorithm("rprop", states=("prev", "step_size"),
 ASGD = Algorithm("asgd", states=("ax",), hyper=("lr", "lambd", "alpha", "t0", "weight_decay"),
                  flags=("maximize",), scalars=("step", "eta", "mu"))
 
+# SparseAdam's update runs on the rows of its sparse grads only (fusedopt.kernels.sparse)
+SPARSE_ADAM = Algorithm("sparse_adam", states=("exp_avg", "exp_avg_sq"),
+                        hyper=("lr", "beta1", "beta2", "eps"), flags=("maximize",),
+                        scalars=("step",))
+
 #: every declaration, by name
 ALGORITHMS = {a.name: a for a in (ADAM, SGD, ADAGRAD, ADADELTA, RMSPROP, NADAM, RADAM, ADAMAX,
-                                  LION, LAMB, RPROP, ASGD)}
+                                  LION, LAMB, RPROP, ASGD, SPARSE_ADAM)}
 
 # ---- whole-tensor algorithms: per-tensor reductions and matrix work ---------------------------
 # Their kernels are the tile kernels of :mod:`fusedopt.kernels.tiles`, not the element-wise

@@ -457,6 +457,27 @@ def asgd(param, grad, ax, lr, lambd, alpha, t0, weight_decay, step, eta, mu,
     return param, ax
 
 
+@triton.jit
+def sparse_adam(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step,
+                MAXIMIZE: tl.constexpr):
+    """SparseAdam, on the rows a sparse grad holds (the others are left alone).
+
+    dm = (g - m)(1-beta1);  dv = (g*g - v)(1-beta2);  m += dm;  v += dv
+    p -= lr sqrt(1-beta2^t)/(1-beta1^t) * m / (sqrt(v) + eps)
+    """
+    dt = param.dtype
+    t = step.to(tl.float64)
+    step_size = lr * tl.sqrt(1.0 - _power(beta2, t)) / (1.0 - _power(beta1, t))
+    grad = _signed(grad, MAXIMIZE)
+    exp_avg_update = (grad - exp_avg) * (1.0 - beta1).to(dt)
+    exp_avg_sq_update = (grad * grad - exp_avg_sq) * (1.0 - beta2).to(dt)
+    exp_avg = exp_avg + exp_avg_update
+    exp_avg_sq = exp_avg_sq + exp_avg_sq_update
+    denom = _sqrt(exp_avg_sq) + eps.to(dt)
+    param = param + (-step_size).to(dt) * _div(exp_avg, denom)
+    return param, exp_avg, exp_avg_sq
+
+
 # ---- every update, advance and terms function takes exactly what its declaration names ------
 
 
