@@ -37,13 +37,14 @@ def canonical_dtype(name: str) -> str:
 def element_wise_specs() -> dict[str, type]:
     """fusedopt's element-wise optimizers (its FusedOptimizer specs on the skeleton), by name,
     in the order fusedopt exports them. Adafactor and Muon (whole-tensor updates on the tile
-    kernels) are not among them: their traffic is not this model's."""
+    kernels) and SparseAdam (the rows of sparse grads) are not among them: their traffic is
+    not this model's."""
     import fusedopt
 
     return {name: cls for name in fusedopt.__all__
             if isinstance(cls := getattr(fusedopt, name), type)
             and issubclass(cls, fusedopt.FusedOptimizer) and cls is not fusedopt.FusedOptimizer
-            and not cls.whole_tensors}
+            and not cls.whole_tensors and cls.sparse_grads != "only"}
 
 
 def state_buffers(optimizer: str, hparams: Mapping[str, Any] | None = None) -> tuple[str, ...]:

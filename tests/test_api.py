@@ -219,8 +219,11 @@ def test_sparse_grad_raises_and_changes_nothing(ours, theirs, backend, when, req
     if backend == "triton":
         request.getfixturevalue("kernel_device")
     params = [torch.randn(5, requires_grad=True), torch.randn(4, requires_grad=True)]
-    opt = ours(params, momentum=0.9, backend=backend) if ours is fusedopt.SGD \
-        else ours(params, backend=backend)
+    # SGD and Adagrad take sparse grads where torch does: without momentum (SGD) and weight
+    # decay (both; torch fails there too); tests/test_sparse.py compares them with torch
+    opt = (ours(params, momentum=0.9, backend=backend) if ours is fusedopt.SGD
+           else ours(params, weight_decay=0.1, backend=backend) if ours is fusedopt.Adagrad
+           else ours(params, backend=backend))
     if when == "after-dense-steps":
         for step in range(2):
             set_grads(params, fresh_grads(params, step, skip=None))
@@ -239,20 +242,23 @@ def test_sparse_grad_raises_and_changes_nothing(ours, theirs, backend, when, req
 def test_sparse_grad_in_a_mixed_dtype_group_changes_nothing(ours, theirs):
     """torch.optim.Adam checks a group's grads before updating any of its params; fusedopt
     must too, across its per-dtype buckets (here the float32 bucket runs before the float64
-    one). (torch.optim.SGD and Adagrad accept sparse grads; fusedopt refuses them: its kernels
-    walk dense storage.)"""
+    one). (torch.optim.SGD and Adagrad accept sparse grads without weight decay, and fail on
+    it: the same here.)"""
     params = [torch.randn(5, requires_grad=True),
               torch.randn(4, dtype=torch.float64, requires_grad=True)]
     twins = clone_params([params])[0]
-    opt = ours(params, backend="reference")
-    ref = theirs(twins, foreach=False)
+    decay = {"weight_decay": 0.1} if theirs in (torch.optim.SGD, torch.optim.Adagrad) else {}
+    opt = ours(params, backend="reference", **decay)
+    ref = theirs(twins, foreach=False, **decay)
     values = [p.detach().clone() for p in params]
     for ps in (params, twins):
         ps[0].grad = torch.ones(5)
         ps[1].grad = torch.ones(4, dtype=torch.float64).to_sparse()
-    if theirs not in (torch.optim.SGD, torch.optim.Adagrad):  # torch's two with sparse grads
-        with pytest.raises(RuntimeError, match="sparse"):
-            ref.step()
+    with pytest.raises(RuntimeError, match="sparse"):
+        ref.step()
+    # (torch's SGD and Adagrad loop over params: they update the dense one before failing;
+    # fusedopt checks everything first)
+    if theirs not in (torch.optim.SGD, torch.optim.Adagrad):
         assert torch.equal(twins[0], values[0])  # torch: no param changes (zero state may)
     state = _state_copy(opt)
     with pytest.raises(RuntimeError, match="(?i)sparse"):
