@@ -513,3 +513,35 @@ def test_grouped_newton_schulz_settings_are_separate_batches(kernel_device):
                             msg=f"step {step}:")
     runner = opt._buckets[0].runner
     assert len(runner.batches) == 2 and {b.steps for b in runner.batches} == {5, 6}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name", ["adafactor", "muon"])
+def test_compiled_step_is_one_custom_op_and_matches_torch(name, backend, request):
+    if backend == "triton":
+        request.getfixturevalue("kernel_device")
+    torch._dynamo.reset()
+    fused_cls, torch_cls = ((fusedopt.Adafactor, torch.optim.Adafactor) if name == "adafactor"
+                            else (fusedopt.Muon, torch.optim.Muon))
+    model, twin = _linear_model(), _linear_model()
+    opt, ref = fused_cls(model.parameters(), backend=backend), torch_cls(twin.parameters())
+    graphs = []
+
+    def backend_fn(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled_step = torch.compile(opt.step, fullgraph=True, backend=backend_fn)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(3):
+        x, y = torch.randn(16, 9, generator=gen), torch.randn(16, 5, generator=gen)
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+        compiled_step()
+        ref.step()
+        assert_states_close(opt, list(model.parameters()), ref, list(twin.parameters()),
+                            rtol=2e-5, atol=2e-6, msg=f"step {step}:")
+    assert len(graphs) == 1
+    ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.ops.fusedopt.step.default in ops
