@@ -28,6 +28,7 @@ import torch
 from . import e2e as e2e_mod
 from . import host as host_mod
 from . import impls as impls_mod
+from . import matrix as matrix_mod
 from . import measure, plan, report, workloads
 from . import static as static_mod
 from .bytes_model import DTYPE_BYTES, KNOWN, bytes_per_param, canonical_dtype
@@ -136,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
             "                                                against a floor\n"
             "  fusedopt-bench static [options]               static roofline of every kernel\n"
             "                                                variant, compiled for a GPU target\n"
-            "                                                here and read from its SASS\n\n"
+            "                                                here and read from its SASS\n"
+            "  fusedopt-bench matrix [options]               Muon, Adafactor and SparseAdam vs\n"
+            "                                                torch.optim: GB/s, Newton-Schulz\n"
+            "                                                TFLOP/s, launches per step\n\n"
             "examples:\n"
             "  fusedopt-bench --quick\n"
             "  fusedopt-bench --device cuda\n"
@@ -637,6 +641,96 @@ def _static_main(argv: list[str]) -> int:
     return 0 if output.ok else 1
 
 
+MATRIX_TITLE = "Muon, Adafactor and SparseAdam against torch.optim"
+
+
+def build_matrix_parser() -> argparse.ArgumentParser:
+    """The parser of ``fusedopt-bench matrix``."""
+    p = argparse.ArgumentParser(
+        prog="fusedopt-bench matrix",
+        description="Time the optimizers that are not element-wise (Muon and Adafactor: "
+                    "whole tensors; SparseAdam: the rows of sparse grads) against torch.optim, "
+                    "one step after another: ms/step, GB/s and %% of the copy bandwidth, "
+                    "Muon's Newton-Schulz TFLOP/s and %% of the bf16 matmul throughput (both "
+                    "measured in the same run), launches per step, and the difference from "
+                    "torch.optim after one step. On a GPU: GPT-2 124M's shapes; without one: "
+                    "a GPT of width 128 and 2 layers, fusedopt's reference path (a sanity "
+                    "check).")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where to run (default: cuda if available, else cpu)")
+    p.add_argument("--optimizers", default=",".join(matrix_mod.OPTIMIZERS),
+                   help=f"comma-separated, among {', '.join(matrix_mod.OPTIMIZERS)} (default: "
+                        "all)")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated dtypes (default: fp32,bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--quick", action="store_true", help="fewer, shorter runs: a smoke test")
+    p.add_argument("--threads", type=int, default=measure.TIMING_THREADS,
+                   help="torch intra-op threads while timing, restored afterwards "
+                        f"(default: {measure.TIMING_THREADS})")
+    p.add_argument("--out", type=Path, default=None,
+                   help="also write matrix.json and matrix.csv here (default: print only)")
+    p.add_argument("--quiet", action="store_true", help="no plan, no progress bar")
+    return p
+
+
+def matrix_section(optimizers: list[str], dtypes: list[str], device: str,
+                   settings: measure.Settings, meta: dict, out: Path | None) -> Section:
+    """The rows of ``fusedopt-bench matrix``: each job against torch.optim."""
+    impl = "fusedopt" if device == "cuda" else "fusedopt-reference"
+    jobs = [Job(f"matrix {j.optimizer} {name} {d}", matrix_mod.planned_seconds(j, device,
+                                                                              settings),
+                functools.partial(matrix_mod.measure_row, j, name, d, device, settings,
+                                  meta["copy_gbps"], meta["matmul_tflops"]))
+            for j in matrix_mod.default_jobs(device, tuple(optimizers))
+            for d in dtypes for name in (impl, "torch")]
+
+    def finish(rows: list[dict]) -> SectionOutput:
+        files = []
+        if out is not None and rows:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "matrix.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1,
+                                                        default=str) + "\n")
+            report.write_csv(out / "matrix.csv", rows, fields=matrix_mod.FIELDS)
+            files = [out / "matrix.json", out / "matrix.csv"]
+        return SectionOutput(matrix_mod.format_table(rows, meta), files,
+                             all(r["status"] == "ok" for r in rows))
+
+    return Section(MATRIX_TITLE, jobs, finish)
+
+
+def _matrix_main(argv: list[str]) -> int:
+    p = build_matrix_parser()
+    args = p.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device (use --device cpu)")
+    optimizers = _split([args.optimizers]) or []
+    unknown = [o for o in optimizers if o not in matrix_mod.OPTIMIZERS]
+    if unknown:
+        p.error(f"not among {', '.join(matrix_mod.OPTIMIZERS)}: {', '.join(unknown)}")
+    try:
+        dtypes = [canonical_dtype(d) for d in
+                  (_split([args.dtypes]) if args.dtypes else DEFAULT_DTYPES[device])]
+    except ValueError as err:
+        p.error(str(err))
+    settings = measure.Settings.for_device(device, args.quick)
+    with measure.pinned_threads(args.threads):
+        if not args.quiet:
+            print("measuring copy bandwidth and bf16 matmul throughput ...", file=sys.stderr)
+        meta = {"device": device, "device_name": measure.device_name(device),
+                **report.versions(), "timing_threads": args.threads,
+                "copy_gbps": measure.measure_ceiling(device)["gbps"],
+                "matmul_tflops": matrix_mod.measure_matmul_peak(device),
+                "command": "fusedopt-bench matrix " + " ".join(argv)}
+        section = matrix_section(optimizers, dtypes, device, settings, meta, args.out)
+        if not args.quiet:
+            print(plan.describe([section]), file=sys.stderr)
+        (rows,), _ = run_sections([section], args.quiet)
+    output = section.finish(rows)
+    print(output.text)
+    return 0 if output.ok else 1
+
+
 def _list(device: str) -> int:
     print("workloads:")
     for w in workloads.resolve(["gpt2", "llama1b", "resnet50", "small2000"]):
@@ -668,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
         return _host_main(argv[1:])
     if argv[:1] == ["static"]:
         return _static_main(argv[1:])
+    if argv[:1] == ["matrix"]:
+        return _matrix_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
 

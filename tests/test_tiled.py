@@ -27,7 +27,7 @@ from cases import (
 )
 
 import fusedopt
-from fusedopt import kernels
+from fusedopt.perf.matrix import CountOps, count_step_ops
 
 # ---- the cases ----------------------------------------------------------------------------------
 
@@ -399,24 +399,6 @@ def test_transposed_params_and_grads_match_torch(name, kernel_device):
 # ---- launches per step ---------------------------------------------------------------------------
 
 
-class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the aten ops run (each one is a kernel launch on a GPU), views and allocations
-    left out, and the interpreter's own staging of kernel arguments on the CPU."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if not (func.is_view or name.startswith("empty")  # (allocations launch nothing)
-                or name in ("detach", "alias", "_record_function_enter_new",
-                            "_record_function_exit")
-                or (kernels.interpreting() and name in ("new_empty", "set_", "copy_"))):
-            self.ops.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def _gpt_like_matrices(layers: int, width: int) -> list[torch.Tensor]:
     """A transformer's Linear weights (out x in): qkv, attn out, mlp in, mlp out per layer."""
     shapes = [(3 * width, width), (width, width), (4 * width, width), (width, 4 * width)]
@@ -426,25 +408,11 @@ def _gpt_like_matrices(layers: int, width: int) -> list[torch.Tensor]:
 
 
 def _step_counts(opt, params):
-    """(tile launches, torch ops) of the runners in one step after the first (which builds
-    the tables). The ops are counted inside the runners only: the engine's host checks run
-    ops on host tensors, which are no launches (and a dispatch mode around them would make
-    them see changed tensors)."""
+    """(kernel launches, torch ops) of one step after the first (which builds the tables)."""
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
-    counter = _CountOps()
-    for bucket in opt._buckets:
-        run = bucket.runner.run
-
-        def counted(*args, run=run, **kwargs):
-            with counter:
-                run(*args, **kwargs)
-
-        bucket.runner.run = counted
-    before = kernels.launch_count()
-    opt.step()
-    return kernels.launch_count() - before, counter.ops
+    return count_step_ops(opt, opt.step)
 
 
 def test_muon_launches_do_not_grow_with_the_matrices(kernel_device):
@@ -484,7 +452,7 @@ def test_muon_launches_against_torchs():
         opt = torch.optim.Muon(params)
         for p in params:
             p.grad = torch.randn_like(p)
-        with _CountOps() as counted:
+        with CountOps() as counted:
             opt.step()
         counts.append(len(counted.ops))
     assert counts[1] > 3.5 * counts[0]
