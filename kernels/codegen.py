@@ -8,6 +8,7 @@ CPU, so no device is needed; this does not work under TRITON_INTERPRET=1, which 
 
     python -m fusedopt.kernels.codegen            # JSON summary of every variant, sm_90
     python -m fusedopt.kernels.codegen lamb/bf16  # one variant in one dtype
+    python -m fusedopt.kernels.codegen --others fp32 bf16  # tile and sparse-row kernels
 
 A variant is a :class:`~fusedopt.kernels.skeleton.Variant`; the constexprs it compiles with
 come from :func:`~fusedopt.kernels.skeleton.constexprs`, the function the launches use.
@@ -125,6 +126,77 @@ def _compile(v: skeleton.Variant, kernel: str, arch: int, options: dict):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(options))
 
 
+def _compile_kernel(fn, pointers: dict[str, str], constexprs: dict, arch: int):
+    signature = {name: pointers.get(name, "i32") for name in fn.arg_names
+                 if name not in constexprs}
+    signature.update({name: "constexpr" for name in constexprs})
+    source = ASTSource(fn=fn, signature=signature, constexprs={
+        (fn.arg_names.index(name),): value for name, value in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(skeleton.LAUNCH_OPTIONS))
+
+
+def other_kernels(dtype: str) -> dict[str, tuple]:
+    """The kernels besides the skeleton's, each as (jit function, pointer types, constexprs)
+    in one configuration per shape of its code: the tile kernels of Adafactor (factored and
+    vector buckets) and Muon (Nesterov or not, bf16's buffer normalisation), and the sparse
+    rows kernel with SparseAdam's, Adagrad's and plain SGD's updates. AMP on, as GradScaler
+    launches them (its branches are the ones with more code)."""
+    from fusedopt.kernels import sparse, tiles
+
+    torch_dtype = DTYPES[dtype]
+    compute = torch.float64 if torch_dtype == torch.float64 else torch.float32
+    opmath = "*fp64" if compute == torch.float64 else "*fp32"
+    amp = {"UNSCALE": True, "SKIP_ON_INF": True, "CLIP": True}
+    common = {**tiles.storage_and_compute(torch_dtype), "ROUND_BF16_BY_HAND": False,
+              "TR": tiles.TILE_ROWS, "TC": tiles.TILE_COLS, **amp}
+    pointers = {"tensors": "*i64", "work": "*i32", "hyper": "*fp64", "acc": opmath,
+                "numels": "*i64", "norms": "*fp32", "lr_ratios": "*fp64",
+                "clamped_norms": "*bf16", "grad_scale": "*fp32", "found_inf": "*fp32",
+                "clip_coef": opmath}
+    out = {}
+    for factored in (True, False):
+        kind = "factored" if factored else "vector"
+        out[f"adafactor_sums/{kind}"] = (tiles.adafactor_sums, pointers,
+                                         {**common, "FACTORED": factored})
+        out[f"adafactor_norms/{kind}"] = (tiles.adafactor_norms, pointers,
+                                          {**common, "FACTORED": factored, "MAXIMIZE": False})
+        out[f"adafactor_apply/{kind}"] = (tiles.adafactor_apply, pointers,
+                                          {**common, "FACTORED": factored, "MAXIMIZE": False})
+    out["adafactor_factors"] = (tiles.adafactor_factors, pointers, common)
+    for nesterov in (True, False):
+        out[f"muon_momentum/{'nesterov' if nesterov else 'plain'}"] = (
+            tiles.muon_momentum, pointers, {**common, "NESTEROV": nesterov})
+    out["muon_apply"] = (tiles.muon_apply, pointers,
+                         {**common, "NORMALISE_BUFFER": torch_dtype == torch.bfloat16})
+    sparse_pointers = {"tensors": "*i64", "work": "*i64", "hyper": "*fp64",
+                       "done_counts": "*i32", "grad_scale": "*fp32", "found_inf": "*fp32",
+                       "clip_coef": opmath}
+    for name, algorithm, states, flags in (
+            ("sparse_adam", alg.SPARSE_ADAM, alg.SPARSE_ADAM.states, (False,)),
+            ("adagrad", alg.ADAGRAD, alg.ADAGRAD.states, (False,)),
+            ("sgd", alg.SGD, (), (False, False, False))):
+        v = skeleton.Variant(algorithm, states, flags, torch_dtype)
+        out[f"sparse_rows/{name}"] = (sparse.sparse_rows_step, sparse_pointers, {
+            "UPDATE": skeleton.adapter(algorithm, "update", states),
+            "ADVANCE": None, "FLAGS": flags, "NUM_STATES": len(states),
+            "NUM_HYPER": len(algorithm.hyper), "NUM_SCALARS": len(algorithm.scalars),
+            "USES_STEP": algorithm.uses_step, **amp,
+            "STORAGE": skeleton._TL_DTYPES[v.dtype], "COMPUTE": skeleton._TL_DTYPES[compute],
+            "ROUND_BF16_BY_HAND": False, "ROWS": sparse.ROWS, "COLS": sparse.COLS})
+    return out
+
+
+def other_kernels_usage(dtypes: list[str], arch: int = 90) -> dict[str, dict[str, int]]:
+    """:func:`other_kernels` compiled for sm_<arch>: each one's :func:`resource_usage`."""
+    report = {}
+    for dtype in dtypes:
+        for name, (fn, pointers, constexprs) in other_kernels(dtype).items():
+            compiled = _compile_kernel(fn, pointers, constexprs, arch)
+            report[f"{name}/{dtype}"] = resource_usage(compiled.asm["cubin"])
+    return report
+
+
 def compile_ptx(name: str, dtype: str, kernel: str = "step", arch: int = 90) -> str:
     """PTX of VARIANTS[name] in ``dtype``: that of the plain build (under the register cap
     the PTX is the same but for its ``.maxnreg`` line, so one compile is enough)."""
@@ -150,6 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     """Arguments: dtypes (every variant in each), or ``name/dtype`` pairs; default: every
     variant in fp32, bf16 and fp64."""
     args = (argv if argv else sys.argv[1:]) or ["fp32", "bf16", "fp64"]
+    if args[0] == "--others":  # the tile and sparse-row kernels: registers and spills
+        usage = other_kernels_usage(args[1:] or ["fp32", "bf16", "fp64"])
+        print(json.dumps({"triton": triton.__version__, "arch": "sm_90", "kernels": usage}))
+        return
     pairs = [tuple(a.split("/")) if "/" in a else (name, a)
              for a in args for name in (VARIANTS if "/" not in a else (None,))]
     report = {}

@@ -22,7 +22,7 @@ import triton.language as tl
 from fusedopt.kernels import skeleton
 from fusedopt.kernels.skeleton import _TL_DTYPES, _amp, _finish, _per_tensor, _to_storage
 
-ROWS = 16
+ROWS = 8
 COLS = 128
 NUM_WARPS = 4
 FIXED_COLUMNS = ("PARAM", "VALUES", "ROW_INDEX", "NNZ", "WIDTH", "GROUP")

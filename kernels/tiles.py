@@ -26,7 +26,7 @@ from fusedopt.kernels import skeleton
 from fusedopt.kernels.skeleton import _TL_DTYPES, _amp, _to_storage
 
 TILE_ROWS = 32
-TILE_COLS = 64
+TILE_COLS = 32
 NUM_WARPS = 4
 
 #: the table columns of each kind of tile kernel, in order
