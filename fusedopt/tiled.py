@@ -46,7 +46,10 @@ class TiledRunner:
         # contiguous stand-ins of params and states laid out otherwise: (original, copy)
         self.copies: list[tuple[Tensor, Tensor]] = []
         self.params = [self._contiguous(p) for p in params]
-        self.states = [[self._contiguous(s) for s in states] for states in table.local_states]
+        # addresses only: a reference held here would make the engine re-check the states at
+        # every step (it counts who holds them, see fusedopt.table)
+        self.state_addresses = [[self._contiguous(s).data_ptr() for s in states]
+                                for states in table.local_states]
         self.shapes = [self.matrix_shape(p) for p in params]
         self.work = tiles.tile_work(self.shapes, device)
         self.num_tiles = len(self.work)
@@ -146,12 +149,12 @@ class AdafactorRunner(TiledRunner):
     def fill_columns(self) -> None:
         n = self.n
         offset = 3 * n  # [0, 3n): ||theta||^2, ||U||^2, this step's number, per tensor
-        for k, ((b, r, c), states, scalars) in enumerate(zip(self.shapes, self.states,
+        for k, ((b, r, c), states, scalars) in enumerate(zip(self.shapes, self.state_addresses,
                                                              self.table.scalars)):
-            self.cols["ROW_VAR"][k] = states[0].data_ptr()
+            self.cols["ROW_VAR"][k] = states[0]
             self.cols["STEP"][k] = scalars[0].data_ptr()
             if self.factored:
-                self.cols["COL_VAR"][k] = states[1].data_ptr()
+                self.cols["COL_VAR"][k] = states[1]
                 self.cols["ROW_SUMS"][k] = offset
                 self.cols["COL_SUMS"][k] = offset + b * r
                 self.cols["MEANS"][k] = offset + b * r + b * c
@@ -227,8 +230,8 @@ class MuonRunner(TiledRunner):
         return 1, p.shape[0], p.shape[1]
 
     def fill_columns(self) -> None:
-        for k, states in enumerate(self.states):
-            self.cols["BUF"][k] = states[0].data_ptr()
+        for k, states in enumerate(self.state_addresses):
+            self.cols["BUF"][k] = states[0]
             self.cols["TRANSPOSED"][k] = int(self.shapes[k][1] > self.shapes[k][2])
             self.cols["SLOT"][k] = k
         self.norms = torch.zeros(self.n, dtype=torch.float32, device=self.device)

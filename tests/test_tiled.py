@@ -513,3 +513,33 @@ def test_compiled_step_is_one_custom_op_and_matches_torch(name, backend, request
     assert len(graphs) == 1
     ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert torch.ops.fusedopt.step.default in ops
+
+
+@pytest.mark.parametrize("name", ["adafactor", "muon"])
+def test_rebound_and_replaced_tensors_are_followed_as_torch(name, kernel_device):
+    """What the engine follows for every optimizer, on the tile runner: a param moved to new
+    storage, a state rebound through ``.data`` (the offload idiom), a state replaced by hand,
+    a grad with other strides at the same address."""
+    options = (ADAFACTOR_OPTIONS if name == "adafactor" else MUON_OPTIONS)["default"]
+    opt, params, ref, ref_params = _pair(name, options, torch.float32, "triton",
+                                         device=kernel_device)
+
+    def state_key(o, p):
+        return next(k for k, v in o.state[p].items() if k != "step" and v is not None)
+
+    def attack(step):
+        for o, ps in ((opt, params), (ref, ref_params)):
+            if step == 1:
+                ps[0].data = ps[0].data.clone()
+            elif step == 2:
+                key = state_key(o, ps[1])
+                o.state[ps[1]][key].data = o.state[ps[1]][key].data.clone()
+            elif step == 3:
+                key = state_key(o, ps[0])
+                o.state[ps[0]][key] = o.state[ps[0]][key].clone().mul_(0.5)
+            elif step == 4 and ps[3].grad is not None:
+                g = ps[3].grad
+                ps[3].grad.data = g.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+    run_side_by_side(opt, params, ref, ref_params, steps=6, tol={"rtol": 2e-5, "atol": 2e-6},
+                     before_step=attack)
