@@ -100,6 +100,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_sparse_group(self, group: dict) -> None:
         """The options torch's twin refuses with sparse grads, refused as it does."""
 
+    def _sparse_as_dense(self, group: dict) -> bool:
+        """Whether this group's update touches every element whatever the grad holds (SGD's
+        momentum decays everywhere): its sparse grads then take the dense path, densified."""
+        return False
+
     def _check_update(self, p: Tensor, grad: Tensor, where: str) -> None:
         """What the spec's torch twin refuses at step time (complex params, shapes), raised
         as torch raises it, before any bucket updates anything."""
@@ -691,22 +696,27 @@ class _Bucket:
 
     def _take_sparse(self, grads: list[Tensor | None]) -> list[Tensor | None]:
         """The sparse grads, checked, set aside for their own launch (``sparse_pending``); the
-        dense path sees those params as having no grad this step."""
-        sparse = []
+        dense path sees those params as having no grad this step. Where the spec's update
+        touches every element even so (SGD's momentum), the dense path takes the grad
+        densified instead."""
+        sparse, dense = [], []
         for i, g in enumerate(grads):
             if g is None:
                 continue
             if g.layout == torch.sparse_coo:
                 self._check_sparse(i, g)
-                sparse.append((i, g))
+                group = self.opt.param_groups[self.group_of[i]]
+                (dense if self.opt._sparse_as_dense(group) else sparse).append((i, g))
             elif self.opt.sparse_grads == "only":
                 raise RuntimeError(self.opt.dense_grad_error)
-        if not sparse:
+        if not sparse and not dense:
             return grads
-        self.sparse_pending = sparse
+        self.sparse_pending = sparse or None
         grads = list(grads)
         for i, _ in sparse:
             grads[i] = None
+        for i, g in dense:
+            grads[i] = g.to_dense()  # (a new tensor each step: the new-grads path takes it)
         return grads
 
     def _check_sparse(self, i: int, g: Tensor) -> None:

@@ -76,9 +76,11 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     """torch.optim.SGD (momentum, dampening, Nesterov), one fused multi-tensor launch per step.
 
     Same arguments as :class:`torch.optim.SGD`, plus ``backend`` (see :class:`Adam`). Sparse
-    grads (``nn.Embedding(sparse=True)``) are taken without momentum and weight decay (torch
-    fails on weight decay; with momentum it keeps a sparse buffer, which fusedopt refuses):
-    one more launch updates the rows they hold.
+    grads (``nn.Embedding(sparse=True)``) are taken as torch takes them (without weight decay,
+    on which torch fails too): without momentum one more launch updates the rows they hold;
+    with momentum, which decays every row, the grad is densified into the dense launch and
+    the buffer is dense (torch keeps it as a sparse tensor of the same values; each loads the
+    other's).
     See :func:`fusedopt.reference.sgd` for the math.
     """
 
@@ -91,11 +93,25 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             raise RuntimeError("fusedopt.SGD: weight_decay with a sparse gradient; "
                                "torch.optim.SGD fails on it too (add(sparse, dense) is not "
                                "supported)")
-        if group["momentum"] != 0:
-            raise NotImplementedError(
-                "fusedopt.SGD: momentum with a sparse gradient; torch.optim.SGD keeps a sparse "
-                "momentum buffer for it, which fusedopt does not: use torch.optim.SGD, or dense "
-                "gradients")
+
+    def _sparse_as_dense(self, group: dict) -> bool:
+        # torch's momentum buffer is then a sparse tensor whose rows grow to every row ever
+        # touched, all decayed each step: the dense update on the densified grad gives the same
+        # values (zeros where torch's buffer has no row)
+        return group["momentum"] != 0
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader; a sparse momentum buffer (torch's, after sparse grads) is loaded
+        dense, with the same values."""
+        states = state_dict.get("state")
+        if isinstance(states, dict) and any(
+                isinstance(v, Tensor) and v.layout == torch.sparse_coo
+                for s in states.values() if isinstance(s, dict) for v in s.values()):
+            state_dict = {**state_dict, "state": {
+                k: {n: v.to_dense() if isinstance(v, Tensor) and v.layout == torch.sparse_coo
+                    else v for n, v in s.items()} if isinstance(s, dict) else s
+                for k, s in states.items()}}
+        super().load_state_dict(state_dict)
 
 
     def _hyperparams(self, group: dict) -> dict[str, float]:

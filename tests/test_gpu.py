@@ -193,3 +193,54 @@ def test_launched_kernels_are_the_static_roofline_builds(cls, dtype):
         assert kernel.compiled.n_spills == 0, (kind, kernel.options)
         if kind == "step":
             assert kernel.compiled.n_regs <= skeleton.REGISTER_CAP, kernel.options
+
+
+# ---- Muon, Adafactor and SparseAdam at GPT-2 124M's sizes --------------------------------------
+
+GPT2_MATRICES = ((2304, 768), (768, 768), (3072, 768), (768, 3072)) * 12
+
+
+def _cuda_params(shapes, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(s, generator=gen, device="cuda").mul_(0.02).to(dtype).requires_grad_()
+            for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["Muon", "Adafactor"])
+def test_whole_tensor_optimizers_match_torch_at_gpt2_sizes(name, dtype):
+    """GPT-2's 48 hidden matrices (plus a vector per matrix for Adafactor), 3 steps, against
+    torch.optim on the same GPU. Muon: torch's own bf16 Newton-Schulz, per matrix, against
+    fusedopt's batched one; the param change may differ by what bf16 matmuls round."""
+    shapes = GPT2_MATRICES + (((768,),) * 48 if name == "Adafactor" else ())
+    ours = _cuda_params(shapes, dtype)
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    start = [p.detach().clone() for p in ours]
+    opt = getattr(fusedopt, name)(ours, backend="triton")
+    ref = getattr(torch.optim, name)(theirs)
+    for step in range(3):
+        grads = _grads(ours, step)
+        set_grads(ours, grads)
+        set_grads(theirs, grads)
+        opt.step()
+        ref.step()
+    for p, q, s in zip(ours, theirs, start):
+        change = (q.detach() - s).abs().max().float()
+        diff = (p.detach() - q.detach()).abs().max().float()
+        bound = (0.05 if name == "Muon" or dtype == torch.bfloat16 else 1e-4) * change
+        assert diff <= bound + 1e-6, (name, tuple(p.shape), float(diff), float(change))
+
+
+def test_sparse_adam_matches_torch_on_an_embedding():
+    ours = _cuda_params(((50257, 768),), torch.float32)
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt, ref = fusedopt.SparseAdam(ours, backend="triton"), torch.optim.SparseAdam(theirs)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for _ in range(3):
+        rows = torch.randint(0, 50257, (1, 8192), generator=gen, device="cuda")
+        values = torch.randn(8192, 768, generator=gen, device="cuda")
+        grad = torch.sparse_coo_tensor(rows, values, (50257, 768))
+        ours[0].grad, theirs[0].grad = grad.clone(), grad.clone()
+        opt.step()
+        ref.step()
+    assert_states_close(opt, ours, ref, theirs, rtol=1e-5, atol=1e-6)

@@ -54,7 +54,18 @@ CASES = {
                 {"lr": 0.1, "lr_decay": 0.05, "initial_accumulator_value": 0.2},
                 {"lr": 0.02, "eps": 1e-6, "maximize": True}),
     "sgd": (fusedopt.SGD, torch.optim.SGD, {"lr": 0.05}, {"lr": 0.2, "maximize": True}),
+    "sgd-momentum": (fusedopt.SGD, torch.optim.SGD, {"lr": 0.05, "momentum": 0.9},
+                     {"lr": 0.2, "momentum": 0.5, "dampening": 0.3, "maximize": True}),
 }
+
+
+def _dense_states(opt):
+    """torch's SGD keeps its momentum buffer sparse after sparse grads; fusedopt's is dense
+    with the same values: compared densified."""
+    for state in opt.state.values():
+        for key, value in list(state.items()):
+            if isinstance(value, torch.Tensor) and value.layout == torch.sparse_coo:
+                state[key] = value.to_dense()
 
 
 def _pair(key, dtype, backend, device="cpu"):
@@ -76,7 +87,15 @@ def _run(opt, params, ref, ref_params, steps, tol, sparse_dims=1, seed=0):
             p.grad, q.grad = g.to(p.device), g.clone()
         opt.step()
         ref.step()
-        assert_states_close(opt, params, ref, ref_params, **tol, msg=f"step {step}:")
+        if any(isinstance(v, torch.Tensor) and v.layout == torch.sparse_coo
+               for s in ref.state.values() for v in s.values()):
+            theirs = copy.deepcopy(ref)  # (compared densified; torch keeps its own going)
+            _dense_states(theirs)
+            ref_view = theirs.param_groups and [p for g in theirs.param_groups
+                                                for p in g["params"]]
+            assert_states_close(opt, params, theirs, ref_view, **tol, msg=f"step {step}:")
+        else:
+            assert_states_close(opt, params, ref, ref_params, **tol, msg=f"step {step}:")
 
 
 def _tol(key, dtype):
@@ -195,8 +214,6 @@ def _sparse(shape):
      "weight_decay option is not compatible with sparse gradients"),
     ("sgd-weight-decay", fusedopt.SGD, {"lr": 0.1, "weight_decay": 0.1}, RuntimeError,
      "add\\(sparse, dense\\) is not supported"),
-    ("sgd-momentum", fusedopt.SGD, {"lr": 0.1, "momentum": 0.9}, NotImplementedError,
-     "sparse momentum buffer"),
     ("adam", fusedopt.Adam, {}, RuntimeError, "does not support sparse gradients"),
 ], ids=lambda c: c[0])
 def test_refused_before_anything_changes(case, backend, request):
@@ -272,3 +289,19 @@ def test_grad_scaler_with_sparse_grads(backend, request):
         assert scalers[0].get_scale() == scalers[1].get_scale()
         assert_states_close(opt, [emb.weight], ref, [twin.weight], rtol=1e-5, atol=1e-6,
                             msg=f"step {step}:")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_sgd_momentum_buffers_move_both_ways(backend, request):
+    """After sparse grads torch's SGD momentum buffers are sparse tensors, fusedopt's dense
+    ones of the same values: each loads the other's and the trajectories continue as one."""
+    device = request.getfixturevalue("kernel_device") if backend == "triton" else "cpu"
+    opt, params, ref, ref_params = _pair("sgd-momentum", torch.float32, backend, device)
+    tol = _tol("sgd-momentum", torch.float32)
+    _run(opt, params, ref, ref_params, 3, tol)
+    ours, theirs = opt.state_dict(), ref.state_dict()
+    assert any(v.layout == torch.sparse_coo for s in theirs["state"].values()
+               for v in s.values() if isinstance(v, torch.Tensor))
+    opt.load_state_dict(copy.deepcopy(theirs))
+    ref.load_state_dict(copy.deepcopy(ours))
+    _run(opt, params, ref, ref_params, 3, tol, seed=5)
