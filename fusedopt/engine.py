@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fusedopt.backend import check_backend_name, resolve_backend
 from fusedopt.kernels.algorithms import Algorithm
@@ -661,6 +662,7 @@ class _Bucket:
         self.exposures_seen = -1  # optimizer.state's exposure count at the last gather
         self.pending: tuple | None = None  # what gather() decided, for run()
         self.sparse_pending: list[tuple[int, Tensor]] | None = None  # (member, sparse grad)
+        self.sparse_members: list[int] = []  # the members with a sparse grad at the last step
 
     def _name(self, i: int) -> str:
         """``param 3 of group 1``: where the user finds the i-th member (for errors)."""
@@ -671,10 +673,12 @@ class _Bucket:
 
     def gather(self) -> None:
         """Read this step's grads and check what changed; raises before anything changes."""
-        grads = list(map(_GRAD, self.members))
+        grads = raw = list(map(_GRAD, self.members))
         self.sparse_pending = None
-        if self.opt.sparse_grads != "no":
-            grads = self._take_sparse(grads)
+        if self.opt.sparse_grads == "only":
+            grads = self._take_sparse(raw, range(len(raw)))
+        elif self.sparse_members:
+            grads = self._take_sparse(raw, self.sparse_members)
         table = self.table
         counter = getattr(self.opt.state, "exposures", None)  # (none: a mapping of the user's)
         exposures = counter[0] if counter is not None else -2
@@ -691,32 +695,45 @@ class _Bucket:
                     if pointers is not None:
                         self.pending = ("grads", grads, live, pointers)
                         return
-        self._check_all(grads)
+        grads = self._check_all(raw)
         self.pending = ("rebuild", grads)
 
-    def _take_sparse(self, grads: list[Tensor | None]) -> list[Tensor | None]:
-        """The sparse grads, checked, set aside for their own launch (``sparse_pending``); the
-        dense path sees those params as having no grad this step. Where the spec's update
-        touches every element even so (SGD's momentum), the dense path takes the grad
-        densified instead."""
-        sparse, dense = [], []
-        for i, g in enumerate(grads):
+    def _take_sparse(self, grads: list[Tensor | None], among) -> list[Tensor | None]:
+        """The sparse grads among the members ``among``, checked and set aside for their own
+        launch (``sparse_pending``, coalesced now, so that what can fail fails before anything
+        runs); the dense path sees those params as having no grad this step. Where the spec's
+        update touches every element even so (SGD's momentum), the dense path takes the grad
+        densified instead. ``sparse_members`` becomes the members found with a sparse grad.
+
+        Only the members that had a sparse grad at the last step are looked at before the
+        dense path's checks (at no cost where there are none): a sparse grad anywhere else
+        fails those checks (its layout is not the table's), and :meth:`_check_all` looks at
+        every member."""
+        found = []
+        marks = self.opt.__dict__.get("_sparse_dims")
+        for i in among:
+            g = grads[i]
             if g is None:
                 continue
-            if g.layout == torch.sparse_coo:
-                self._check_sparse(i, g)
-                group = self.opt.param_groups[self.group_of[i]]
-                (dense if self.opt._sparse_as_dense(group) else sparse).append((i, g))
-            elif self.opt.sparse_grads == "only":
-                raise RuntimeError(self.opt.dense_grad_error)
-        if not sparse and not dense:
-            return grads
-        self.sparse_pending = sparse or None
-        grads = list(grads)
-        for i, _ in sparse:
-            grads[i] = None
-        for i, g in dense:
-            grads[i] = g.to_dense()  # (a new tensor each step: the new-grads path takes it)
+            if g.layout != torch.sparse_coo:
+                if self.opt.sparse_grads == "only":
+                    raise RuntimeError(self.opt.dense_grad_error)
+                if marks is not None:
+                    marks.pop(self.members[i], None)
+                continue
+            self._check_sparse(i, g)
+            found.append(i)
+            if found == [i]:
+                grads = list(grads)
+            if self.opt._sparse_as_dense(self.opt.param_groups[self.group_of[i]]):
+                grads[i] = g.to_dense()  # (a new tensor each step: the new-grads path)
+                # torch keeps such a state sparse: the spec's state_dict() can say so
+                marks = self.opt.__dict__.setdefault("_sparse_dims", WeakIdKeyDictionary())
+                marks[self.members[i]] = g.sparse_dim()
+            else:
+                self.sparse_pending = [*(self.sparse_pending or ()), (i, g.coalesce())]
+                grads[i] = None
+        self.sparse_members = found
         return grads
 
     def _check_sparse(self, i: int, g: Tensor) -> None:
@@ -804,9 +821,14 @@ class _Bucket:
                 return False
         return True
 
-    def _check_all(self, grads: list[Tensor | None]) -> None:
+    def _check_all(self, grads: list[Tensor | None]) -> list[Tensor | None]:
         """Every input of a rebuild: params (dense, still of this bucket's device and dtype),
-        grads (dense, the param's dtype, shape and device) and any state they already have."""
+        grads (dense, the param's dtype, shape and device; sparse ones where the spec takes
+        them, set aside by :meth:`_take_sparse`) and any state they already have. Returns the
+        grads of the dense path."""
+        if self.opt.sparse_grads != "no":
+            self.sparse_pending = None
+            grads = self._take_sparse(grads, range(len(grads)))
         for i, (p, g) in enumerate(zip(self.members, grads)):
             if (p.device != self.device or real_dtype(p) != self.dtype
                     or self.opt._param_kind(p) != self.kind):
@@ -818,6 +840,7 @@ class _Bucket:
             check_grad(g, p, self.owner, name)
             self.opt._check_update(p, g, name)
             check_existing_state(self.opt, p, (*self.variant.states, ), self.owner, name)
+        return grads
 
     def run(self, hyper: list[dict[str, Any]], grad_scale: Tensor | None = None,
             found_inf: Tensor | None = None, clip_coef: Tensor | None = None,
@@ -862,7 +885,7 @@ class _Bucket:
         groups = [self.group_of[i] for i, _ in sparse]
         state = StateOfBucket(self.opt, params, groups, self.variant.states)
         try:
-            runner = SparseRunner(self.variant, params, [g.coalesce() for _, g in sparse],
+            runner = SparseRunner(self.variant, params, [g for _, g in sparse],
                                   state.states, state.scalars, groups, self.device,
                                   self.backend)
             runner.run(hyper, self._on_device(grad_scale), self._on_device(found_inf))

@@ -79,8 +79,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     grads (``nn.Embedding(sparse=True)``) are taken as torch takes them (without weight decay,
     on which torch fails too): without momentum one more launch updates the rows they hold;
     with momentum, which decays every row, the grad is densified into the dense launch and
-    the buffer is dense (torch keeps it as a sparse tensor of the same values; each loads the
-    other's).
+    the buffer kept dense (``state_dict()`` gives it sparse, as torch keeps it).
     See :func:`fusedopt.reference.sgd` for the math.
     """
 
@@ -99,6 +98,21 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         # touched, all decayed each step: the dense update on the densified grad gives the same
         # values (zeros where torch's buffer has no row)
         return group["momentum"] != 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's format: the momentum buffer of a param whose last grad was sparse is a
+        sparse tensor, as torch keeps it (which torch's Nesterov step needs: it adds it to
+        the sparse grad)."""
+        saved = super().state_dict()
+        marks = self.__dict__.get("_sparse_dims")
+        if marks:
+            params = [p for group in self.param_groups for p in group["params"]]
+            for index, p in enumerate(params):
+                state = saved["state"].get(index)
+                buffer = state.get("momentum_buffer") if state else None
+                if p in marks and isinstance(buffer, Tensor) and buffer.layout == torch.strided:
+                    state["momentum_buffer"] = buffer.to_sparse(marks[p])
+        return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loader; a sparse momentum buffer (torch's, after sparse grads) is loaded

@@ -216,7 +216,9 @@ class SparseRunner:
         width = 1
         for n in shape[sparse_dims:]:
             width *= n
-        if sparse_dims == 1:
+        if sparse_dims == 0:  # one "row", the whole tensor (held or not: nnz is 0 or 1)
+            rows = torch.zeros(indices.shape[1], dtype=torch.int64, device=indices.device)
+        elif sparse_dims == 1:
             rows = indices[0]
         else:
             multipliers = [1] * sparse_dims
@@ -278,12 +280,20 @@ class SparseRunner:
         flags = dict(zip(algorithm.flags, self.variant.flags))
         absent = {s: None for s in algorithm.states if s not in self.variant.states}
         for k, (p, g) in enumerate(zip(self.params, self.grads)):
-            index = tuple(g._indices())  # the held rows, over the sparse dims
+            # the held rows, over the sparse dims (none: the whole tensor is the one row)
+            whole = g.sparse_dim() == 0
+            index = ((torch.zeros(g._nnz(), dtype=torch.int64, device=p.device),) if whole
+                     else tuple(g._indices()))
             values = g._values()
             if grad_scale is not None:  # GradScaler's unscale: times its float32 1/scale
                 values = values * grad_scale.double().reciprocal().float().to(values.device)
-            rows = p[index]
-            held = {name: s[index] for name, s in zip(self.variant.states, self.states[k])}
+
+            def rows_of(t: Tensor, whole=whole) -> Tensor:
+                return t.unsqueeze(0) if whole else t
+
+            rows = rows_of(p)[index]
+            held = {name: rows_of(s)[index]
+                    for name, s in zip(self.variant.states, self.states[k])}
             scalars = dict(zip(algorithm.scalars, self.scalars[k]))
             if "step" in scalars:  # torch counts the step before using it
                 scalars["step"] = scalars["step"].add_(1).item()
@@ -291,6 +301,6 @@ class SparseRunner:
                      for key, v in hyper[self.groups[k]].items()}
             fresh = {"fresh": False} if algorithm.reads_fresh else {}
             update(rows, values, **{**absent, **held}, **group, **scalars, **fresh, **flags)
-            p[index] = rows
+            rows_of(p)[index] = rows
             for name, s in zip(self.variant.states, self.states[k]):
-                s[index] = held[name]
+                rows_of(s)[index] = held[name]

@@ -240,7 +240,8 @@ class MuonRunner(TiledRunner):
     def _plan(self, hyper: list[dict[str, Any]]) -> None:
         """Batches for the groups' current Newton-Schulz settings and lr rules; slots are
         renumbered batch by batch. Re-planned when a group's settings change."""
-        settings = [(tuple(h["ns_coefficients"]), int(h["ns_steps"]), float(h["eps"]))
+        # (a negative ns_steps is torch's range(): no iteration)
+        settings = [(tuple(h["ns_coefficients"]), max(int(h["ns_steps"]), 0), float(h["eps"]))
                     for h in hyper]
         rules = [h["adjust_lr_fn"] for h in hyper]
         key = (tuple(settings), tuple(rules))

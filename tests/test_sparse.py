@@ -56,6 +56,8 @@ CASES = {
     "sgd": (fusedopt.SGD, torch.optim.SGD, {"lr": 0.05}, {"lr": 0.2, "maximize": True}),
     "sgd-momentum": (fusedopt.SGD, torch.optim.SGD, {"lr": 0.05, "momentum": 0.9},
                      {"lr": 0.2, "momentum": 0.5, "dampening": 0.3, "maximize": True}),
+    "sgd-nesterov": (fusedopt.SGD, torch.optim.SGD,
+                     {"lr": 0.05, "momentum": 0.9, "nesterov": True}, {"lr": 0.2}),
 }
 
 
@@ -292,16 +294,46 @@ def test_grad_scaler_with_sparse_grads(backend, request):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_sgd_momentum_buffers_move_both_ways(backend, request):
-    """After sparse grads torch's SGD momentum buffers are sparse tensors, fusedopt's dense
-    ones of the same values: each loads the other's and the trajectories continue as one."""
+@pytest.mark.parametrize("key", ["sgd-momentum", "sgd-nesterov"])
+def test_sgd_momentum_buffers_move_both_ways(key, backend, request):
+    """After sparse grads torch's SGD momentum buffers are sparse tensors; fusedopt's are
+    dense ones of the same values, saved sparse as torch's: each loads the other's and the
+    trajectories continue as one (Nesterov too, whose torch step adds the buffer to the
+    sparse grad)."""
     device = request.getfixturevalue("kernel_device") if backend == "triton" else "cpu"
-    opt, params, ref, ref_params = _pair("sgd-momentum", torch.float32, backend, device)
-    tol = _tol("sgd-momentum", torch.float32)
+    opt, params, ref, ref_params = _pair(key, torch.float32, backend, device)
+    tol = _tol(key, torch.float32)
     _run(opt, params, ref, ref_params, 3, tol)
     ours, theirs = opt.state_dict(), ref.state_dict()
-    assert any(v.layout == torch.sparse_coo for s in theirs["state"].values()
-               for v in s.values() if isinstance(v, torch.Tensor))
+    for saved in (ours, theirs):
+        layouts = {k: s["momentum_buffer"].layout for k, s in saved["state"].items()}
+        assert set(layouts.values()) == {torch.sparse_coo}, layouts
     opt.load_state_dict(copy.deepcopy(theirs))
     ref.load_state_dict(copy.deepcopy(ours))
     _run(opt, params, ref, ref_params, 3, tol, seed=5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("key", ["sparse_adam", "adagrad", "sgd-momentum"])
+def test_grads_with_no_sparse_dims(key, backend, request):
+    """A sparse grad whose every dim is dense (``sparse_dim() == 0``): one value holding the
+    whole tensor, or none (torch then updates nothing but the step), next to a dense grad."""
+    device = request.getfixturevalue("kernel_device") if backend == "triton" else "cpu"
+    fused_cls, torch_cls, defaults, _ = CASES[key]
+    params, ref_params = _params(torch.float32, device)[:2], _params(torch.float32)[:2]
+    opt, ref = fused_cls(params, **defaults, backend=backend), torch_cls(ref_params, **defaults)
+    for step in range(4):
+        for k, (p, q) in enumerate(zip(params, ref_params)):
+            nnz = step % 2 if k == 0 else 1
+            g = torch.sparse_coo_tensor(torch.zeros(0, nnz, dtype=torch.long),
+                                        torch.randn(nnz, *p.shape), p.shape)
+            if k == 1 and key != "sparse_adam":
+                g = g.to_dense()
+            p.grad, q.grad = g.to(device), g.clone()
+        opt.step()
+        ref.step()
+        theirs = copy.deepcopy(ref)
+        _dense_states(theirs)
+        assert_states_close(opt, params, theirs,
+                            [p for g in theirs.param_groups for p in g["params"]],
+                            **_tol(key, torch.float32), msg=f"step {step}:")

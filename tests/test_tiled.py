@@ -543,3 +543,13 @@ def test_rebound_and_replaced_tensors_are_followed_as_torch(name, kernel_device)
 
     run_side_by_side(opt, params, ref, ref_params, steps=6, tol={"rtol": 2e-5, "atol": 2e-6},
                      before_step=attack)
+
+
+@pytest.mark.parametrize("steps", [-1, 0, 1, 2])
+def test_muon_any_iteration_count_is_torchs(steps, kernel_device):
+    """torch runs ``range(ns_steps)`` iterations: none for 0 or less (its only check is
+    < 100); the update is then the normalised momentum."""
+    options = ({"ns_steps": steps}, ({}, {}))
+    opt, params, ref, ref_params = _pair("muon", options, torch.float32, "triton",
+                                         device=kernel_device)
+    run_side_by_side(opt, params, ref, ref_params, steps=2, tol=KERNEL_TOL[torch.float32])
