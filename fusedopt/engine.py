@@ -113,7 +113,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _triton_runner(self, variant: Variant, table: TensorTable, groups: list[int],
                        fresh: list[Tensor | None], device: torch.device) -> Any:
         """The kernel runner of a bucket: the element-wise skeleton's, unless the spec
-        updates whole tensors (see :mod:`fusedopt.matrix`)."""
+        updates whole tensors (see :mod:`fusedopt.tiled`)."""
         from fusedopt.runners import TritonRunner
 
         return TritonRunner(variant, table, groups, fresh, device)
@@ -849,6 +849,7 @@ class _Bucket:
         ``grad_scale`` / ``found_inf`` (0-dim tensors) unscale the grads / skip the update;
         ``clip_coef`` multiplies the (unscaled) grads."""
         pending, self.pending = self.pending, None  # the grads are not kept alive past it
+        sparse, self.sparse_pending = self.sparse_pending, None
         state = None
         try:
             if pending[0] == "rebuild":
@@ -870,7 +871,6 @@ class _Bucket:
             self.table = None
             raise
 
-        sparse, self.sparse_pending = self.sparse_pending, None
         if sparse:
             self._run_sparse(sparse, hyper, grad_scale, found_inf)
 

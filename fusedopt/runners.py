@@ -24,6 +24,12 @@ from fusedopt.table import TensorTable
 from fusedopt.tensors import real
 
 
+def python_hyper(hyper: dict[str, Any]) -> dict[str, Any]:
+    """A group's hyperparameters for the reference functions: numbers as Python floats (a
+    tensor lr is read), the rest (Muon's coefficients, step count and lr rule) as they are."""
+    return {k: float(v) if isinstance(v, (Tensor, float, int)) else v for k, v in hyper.items()}
+
+
 class ReferenceRunner:
     """The readable path: the algorithm's reference function, param by param."""
 
@@ -47,10 +53,7 @@ class ReferenceRunner:
             grads = [g * inv_scale.to(g.device) for g in grads]
         if clip_coef is not None:  # clip_grad_norm_'s coefficient, as torch multiplies by it
             grads = [g * clip_coef.to(g.device, g.dtype) for g in grads]
-        # numbers as Python floats (a tensor lr is read); Muon's coefficients, step count and
-        # lr rule stay what they are
-        hyper = [{k: float(v) if isinstance(v, (Tensor, float, int)) else v
-                  for k, v in h.items()} for h in hyper]
+        hyper = [python_hyper(h) for h in hyper]
         flags = dict(zip(algorithm.flags, self.variant.flags))
         absent = {s: None for s in algorithm.states if s not in self.variant.states}
         for k, (p, g) in enumerate(zip(table.params, grads)):
@@ -297,8 +300,7 @@ class SparseRunner:
             scalars = dict(zip(algorithm.scalars, self.scalars[k]))
             if "step" in scalars:  # torch counts the step before using it
                 scalars["step"] = scalars["step"].add_(1).item()
-            group = {key: float(v) if isinstance(v, (Tensor, float, int)) else v
-                     for key, v in hyper[self.groups[k]].items()}
+            group = python_hyper(hyper[self.groups[k]])
             fresh = {"fresh": False} if algorithm.reads_fresh else {}
             update(rows, values, **{**absent, **held}, **group, **scalars, **fresh, **flags)
             rows_of(p)[index] = rows

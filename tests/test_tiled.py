@@ -31,7 +31,7 @@ from fusedopt.perf.matrix import CountOps, count_step_ops
 
 # ---- the cases ----------------------------------------------------------------------------------
 
-ADAFACTOR_SHAPES = (((5, 7), (33,), ()), ((3, 40, 70), (1, 9)), ((2, 2, 3, 65), (4, 1), (130,)))
+ADAFACTOR_SHAPES = (((5, 7), (33,), ()), ((3, 33, 40), (1, 9)), ((2, 2, 3, 33), (4, 1), (70,)))
 MUON_SHAPES = (((5, 7), (70, 40)), ((40, 70), (33, 33), (7, 5)), ((70, 40), (1, 9), (9, 1)))
 
 ADAFACTOR_OPTIONS = {
@@ -119,7 +119,7 @@ def test_kernels_are_torch(name, key, dtype, kernel_device):
         pytest.skip("bf16: the default options (the others are covered in fp64 and fp32)")
     options = (ADAFACTOR_OPTIONS if name == "adafactor" else MUON_OPTIONS)[key]
     opt, params, ref, ref_params = _pair(name, options, dtype, "triton", device=kernel_device)
-    run_side_by_side(opt, params, ref, ref_params, steps=5, tol=KERNEL_TOL[dtype])
+    run_side_by_side(opt, params, ref, ref_params, steps=3, tol=KERNEL_TOL[dtype])
 
 
 def test_adafactor_factored_state_has_torchs_shapes(kernel_device):
