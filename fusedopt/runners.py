@@ -132,15 +132,7 @@ class TritonRunner:
             self.grad_copies = {k: torch.empty_like(self.table.local_params[k])
                                 for k, (g, stride) in enumerate(zip(grads, self.param_strides))
                                 if g.stride() != stride}
-        if self.grad_copies:
-            pointers = list(pointers)
-            for k, copy in self.grad_copies.items():
-                pointers[k] = copy.data_ptr()
-        # array -> frombuffer is ~10x faster than torch.tensor(list) for thousands of ints;
-        # non_blocking: torch skips the stream synchronisation a blocking copy ends with (the
-        # driver stages the pageable source, so these small tables go without waiting)
-        host = torch.frombuffer(array.array("q", pointers), dtype=torch.int64)
-        self.tensors[self.columns["GRAD"]].copy_(host, non_blocking=True)
+        upload_grad_pointers(self.tensors[self.columns["GRAD"]], pointers, self.grad_copies)
 
     def run(self, hyper: list[dict[str, Any]], grad_scale: Tensor | None,
             found_inf: Tensor | None, clip_coef: Tensor | None, capturable: bool) -> None:
@@ -165,6 +157,21 @@ class TritonRunner:
         self.hyper, self.hyper_rows = device_hyper_table(
             [tuple(h.values()) for h in hyper], self.hyper_rows, self.hyper, self.device,
             capturable)
+
+
+def upload_grad_pointers(column: Tensor, pointers: list[int],
+                         copies: dict[int, Tensor]) -> None:
+    """Copy grad addresses into a table's device column; a grad read through a copy (another
+    layout than the kernel indexes) is pointed at its copy."""
+    if copies:
+        pointers = list(pointers)
+        for k, copy in copies.items():
+            pointers[k] = copy.data_ptr()
+    # array -> frombuffer is ~10x faster than torch.tensor(list) for thousands of ints;
+    # non_blocking: torch skips the stream synchronisation a blocking copy ends with (the
+    # driver stages the pageable source, so these small tables go without waiting)
+    host = torch.frombuffer(array.array("q", pointers), dtype=torch.int64)
+    column.copy_(host, non_blocking=True)
 
 
 def device_hyper_table(rows: list[tuple], seen: list[tuple] | None, table: Tensor | None,

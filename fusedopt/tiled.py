@@ -14,7 +14,6 @@ otherwise (a transposed weight) goes through a contiguous copy, copied back afte
 
 from __future__ import annotations
 
-import array
 import math
 from contextlib import nullcontext
 from typing import Any
@@ -24,7 +23,7 @@ from torch import Tensor
 
 from fusedopt.kernels import interpreting
 from fusedopt.reference import muon_lr
-from fusedopt.runners import device_hyper_table
+from fusedopt.runners import device_hyper_table, upload_grad_pointers
 from fusedopt.table import TensorTable
 
 
@@ -91,11 +90,8 @@ class TiledRunner:
             self.grad_copies = {k: torch.empty(g.shape, dtype=g.dtype, device=g.device)
                                 for k, g in enumerate(self.table.local_grads)
                                 if not g.is_contiguous()}
-        pointers = list(pointers)
-        for k, copy in self.grad_copies.items():
-            pointers[k] = copy.data_ptr()
-        host = torch.frombuffer(array.array("q", pointers), dtype=torch.int64)
-        self.tensors[self.columns.index("GRAD")].copy_(host, non_blocking=True)
+        upload_grad_pointers(self.tensors[self.columns.index("GRAD")], pointers,
+                             self.grad_copies)
 
     def run(self, hyper: list[dict[str, Any]], grad_scale: Tensor | None,
             found_inf: Tensor | None, clip_coef: Tensor | None, capturable: bool) -> None:

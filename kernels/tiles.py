@@ -206,33 +206,37 @@ def adafactor_factors(tensors, num_tensors, work, hyper, hyper_stride, acc, grad
         beta2_decay = tl.load(hyper + group * hyper_stride + 1)
         step = tl.load(acc + 2 * num_tensors + t).to(tl.float64)
         weight = tl.exp(beta2_decay * tl.log(step)).to(COMPUTE)
-        if c0 == 0:
+        if c0 == 0:  # row factors: each the mean of g^2 over the C columns
             rows = r0 + tl.arange(0, TR)
-            inside = rows < num_rows
-            row_var = _pointer(tensors, num_tensors, t, 5, STORAGE) + b * num_rows + rows
-            sums = tl.load(acc + _column(tensors, num_tensors, t, 8) + b * num_rows + rows,
-                           mask=inside, other=0.0)
-            # torch: ||g_row||, squared, over C, each stored in the param's dtype
-            norm = _round(tl.sqrt(sums), STORAGE, COMPUTE, ROUND_BF16_BY_HAND)
-            mean = _round(_round(norm * norm, STORAGE, COMPUTE, ROUND_BF16_BY_HAND)
-                          / num_cols, STORAGE, COMPUTE, ROUND_BF16_BY_HAND)
-            old = tl.load(row_var, mask=inside, other=0.0).to(COMPUTE)
-            new = _to_storage(_lerp(old, mean, weight), STORAGE, ROUND_BF16_BY_HAND)
-            tl.store(row_var, new, mask=inside)
+            new = _new_factor(tensors, num_tensors, t, acc, b * num_rows + rows,
+                              rows < num_rows, num_cols, weight, 5, 8, STORAGE, COMPUTE,
+                              ROUND_BF16_BY_HAND)
             means = _column(tensors, num_tensors, t, 10)
-            tl.atomic_add(acc + means + b, tl.sum(tl.where(inside, new.to(COMPUTE), 0.0), 0))
-        if r0 == 0:
+            tl.atomic_add(acc + means + b, tl.sum(tl.where(rows < num_rows,
+                                                           new.to(COMPUTE), 0.0), 0))
+        if r0 == 0:  # column factors: each the mean of g^2 over the R rows
             cols = c0 + tl.arange(0, TC)
-            inside = cols < num_cols
-            col_var = _pointer(tensors, num_tensors, t, 6, STORAGE) + b * num_cols + cols
-            sums = tl.load(acc + _column(tensors, num_tensors, t, 9) + b * num_cols + cols,
-                           mask=inside, other=0.0)
-            norm = _round(tl.sqrt(sums), STORAGE, COMPUTE, ROUND_BF16_BY_HAND)
-            mean = _round(_round(norm * norm, STORAGE, COMPUTE, ROUND_BF16_BY_HAND)
-                          / num_rows, STORAGE, COMPUTE, ROUND_BF16_BY_HAND)
-            old = tl.load(col_var, mask=inside, other=0.0).to(COMPUTE)
-            tl.store(col_var, _to_storage(_lerp(old, mean, weight), STORAGE, ROUND_BF16_BY_HAND),
-                     mask=inside)
+            _new_factor(tensors, num_tensors, t, acc, b * num_cols + cols, cols < num_cols,
+                        num_rows, weight, 6, 9, STORAGE, COMPUTE, ROUND_BF16_BY_HAND)
+
+
+@triton.jit
+def _new_factor(tensors, num_tensors, t, acc, index, inside, count, weight,
+                FACTOR: tl.constexpr, SUMS: tl.constexpr, STORAGE: tl.constexpr,
+                COMPUTE: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr):
+    """Factors ``index`` (of column FACTOR, their sums of g^2 at column SUMS of the table)
+    lerped towards sum / count, stored and returned as stored. torch takes ||g|| over the
+    row (column), squares it, divides by the count, each in the param's dtype."""
+    factor = _pointer(tensors, num_tensors, t, FACTOR, STORAGE) + index
+    sums = tl.load(acc + _column(tensors, num_tensors, t, SUMS) + index, mask=inside,
+                   other=0.0)
+    norm = _round(tl.sqrt(sums), STORAGE, COMPUTE, ROUND_BF16_BY_HAND)
+    mean = _round(_round(norm * norm, STORAGE, COMPUTE, ROUND_BF16_BY_HAND) / count,
+                  STORAGE, COMPUTE, ROUND_BF16_BY_HAND)
+    old = tl.load(factor, mask=inside, other=0.0).to(COMPUTE)
+    new = _to_storage(_lerp(old, mean, weight), STORAGE, ROUND_BF16_BY_HAND)
+    tl.store(factor, new, mask=inside)
+    return new
 
 
 @triton.jit(do_not_specialize=["num_tensors", "hyper_stride"])

@@ -461,6 +461,16 @@ def _plot_main(argv: list[str]) -> int:
     return 0
 
 
+def _timing_options(p: argparse.ArgumentParser, files: str) -> None:
+    """--threads, --out and --quiet of a subcommand that times and writes ``files``.json/csv."""
+    p.add_argument("--threads", type=int, default=measure.TIMING_THREADS,
+                   help="torch intra-op threads while timing, restored afterwards "
+                        f"(default: {measure.TIMING_THREADS})")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"also write {files}.json and {files}.csv here (default: print only)")
+    p.add_argument("--quiet", action="store_true", help="no plan, no progress bar")
+
+
 def build_host_parser() -> argparse.ArgumentParser:
     """The parser of ``fusedopt-bench host``; defaults come from ``host``'s constants."""
     steps, repeats = host_mod.DEFAULT_STEPS[False]
@@ -489,12 +499,7 @@ def build_host_parser() -> argparse.ArgumentParser:
                    help=f"repeats; the median is reported (default: {repeats}; {quick_repeats} "
                         "with --quick)")
     p.add_argument("--quick", action="store_true", help="fewer steps and repeats: a smoke test")
-    p.add_argument("--threads", type=int, default=measure.TIMING_THREADS,
-                   help="torch intra-op threads while timing, restored afterwards "
-                        f"(default: {measure.TIMING_THREADS})")
-    p.add_argument("--out", type=Path, default=None,
-                   help="also write host.json and host.csv here (default: print only)")
-    p.add_argument("--quiet", action="store_true", help="no plan, no progress bar")
+    _timing_options(p, "host")
     return p
 
 
@@ -664,12 +669,7 @@ def build_matrix_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", default=None,
                    help="comma-separated dtypes (default: fp32,bf16 on cuda, fp32 on cpu)")
     p.add_argument("--quick", action="store_true", help="fewer, shorter runs: a smoke test")
-    p.add_argument("--threads", type=int, default=measure.TIMING_THREADS,
-                   help="torch intra-op threads while timing, restored afterwards "
-                        f"(default: {measure.TIMING_THREADS})")
-    p.add_argument("--out", type=Path, default=None,
-                   help="also write matrix.json and matrix.csv here (default: print only)")
-    p.add_argument("--quiet", action="store_true", help="no plan, no progress bar")
+    _timing_options(p, "matrix")
     return p
 
 
