@@ -109,7 +109,7 @@ class TritonRunner:
         from fusedopt.kernels import skeleton
 
         self.work, self.num_work = kernels.work_list(cols["NUMEL"], device,
-                                                     skeleton.chunk_elements(variant.dtype))
+                                                     skeleton.chunk_elements(variant))
         self.done_counts = torch.zeros(n, dtype=torch.int32, device=device)
         # per-tensor sums in the opmath dtype; the update launch re-zeroes them
         self.sums = (torch.zeros(n, len(variant.algorithm.sums), device=device,

@@ -119,6 +119,8 @@ def _compile(v: skeleton.Variant, kernel: str, arch: int, options: dict):
         fn = skeleton.multi_tensor_step
         signature.update(done_counts="*i32", sums=opmath if v.algorithm.sums else "*i32")
     signature.update(grad_scale="*fp32", found_inf="*fp32", clip_coef=opmath)
+    if kernel == "step":
+        signature["rng"] = "*i64"
     constexprs = skeleton.constexprs(v, kernel)
     signature.update({name: "constexpr" for name in constexprs})
     source = ASTSource(fn=fn, signature=signature, constexprs={

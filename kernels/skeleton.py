@@ -58,6 +58,21 @@ COL_GROUP: tl.constexpr = tl.constexpr(3)
 COL_FRESH: tl.constexpr = tl.constexpr(4)
 COL_STATES: tl.constexpr = tl.constexpr(5)
 
+# How the updated param is written (the PRECISION constexpr's WRITE): rounded to nearest even,
+# rounded stochastically (bf16), from an fp32 master copy (the extra state "master_param",
+# which the update reads and writes), or as a compensated pair with "kahan_comp".
+WRITE_NEAREST: tl.constexpr = tl.constexpr(0)
+WRITE_STOCHASTIC: tl.constexpr = tl.constexpr(1)
+WRITE_MASTER: tl.constexpr = tl.constexpr(2)
+WRITE_KAHAN: tl.constexpr = tl.constexpr(3)
+WRITES = {"nearest": 0, "stochastic": 1, "master": 2, "kahan": 3}
+# The PRECISION constexpr: (algorithm states' storage dtype, extra state's storage dtype,
+# number of extra states (0 or 1, after the algorithm's), WRITE)
+P_STATE: tl.constexpr = tl.constexpr(0)
+P_EXTRA: tl.constexpr = tl.constexpr(1)
+P_NUM_EXTRA: tl.constexpr = tl.constexpr(2)
+P_WRITE: tl.constexpr = tl.constexpr(3)
+
 # A program handles one chunk of ITERS blocks; a block is one 16-byte vector per thread per
 # tensor (BLOCK = threads x elements per 16 bytes), so every access of the aligned path is one
 # 16-byte load or store whatever the dtype. (The H100 prototype: 4-8 warps, 4-8 iterations of
@@ -100,9 +115,15 @@ def vector_elements(dtype: torch.dtype) -> int:
     return 16 // dtype.itemsize
 
 
-def chunk_elements(dtype: torch.dtype) -> int:
-    """Elements one program of the step kernel handles, for ``dtype`` storage."""
-    return THREADS * vector_elements(dtype) * ITERS
+def variant_vector(variant: Variant) -> int:
+    """Elements per thread per block: 16 bytes of the variant's narrowest storage (a wider
+    state then takes two or four 16-byte accesses per block)."""
+    return max(vector_elements(variant.dtype_of(name)) for name in ("param", *variant.tensors))
+
+
+def chunk_elements(variant: Variant) -> int:
+    """Elements one program of the step kernel handles for ``variant``."""
+    return THREADS * variant_vector(variant) * ITERS
 
 
 _TL_DTYPES = {
@@ -207,20 +228,26 @@ def constexprs(variant: Variant, kernel: str = "step", interpreting: bool = Fals
     """The constexpr arguments of ``multi_tensor_step`` (kernel="step") or
     ``multi_tensor_sums`` (kernel="sums") for ``variant``."""
     alg = variant.algorithm
-    vector = vector_elements(variant.dtype)
+    vector = variant_vector(variant)
+    precision = variant.precision
+    extras = precision.extras
     common = dict(
-        FLAGS=tuple(bool(f) for f in variant.flags), NUM_STATES=len(variant.states),
+        FLAGS=tuple(bool(f) for f in variant.flags), NUM_STATES=len(variant.tensors),
         NUM_HYPER=len(alg.hyper), NUM_SCALARS=len(alg.scalars), USES_STEP=alg.uses_step,
         ADVANCE=adapter(alg, "advance", variant.states) if alg.advanced else None,
         NUM_SUMS=len(alg.sums), UNSCALE=variant.unscale, SKIP_ON_INF=variant.skip_on_inf,
         CLIP=variant.clip, SCALE_GRADS=variant.unscale or variant.clip,
         STORAGE=_TL_DTYPES[variant.dtype], COMPUTE=_TL_DTYPES[variant.compute],
         BLOCK=THREADS * vector, ITERS=ITERS, VECTOR=vector, PREFETCH=PREFETCH,
-        THREADS=THREADS, CHECK_ALIGNMENT=interpreting)
+        THREADS=THREADS, CHECK_ALIGNMENT=interpreting, ROUND_BF16_BY_HAND=interpreting,
+        PRECISION=(_TL_DTYPES[variant.state_storage],
+                   _TL_DTYPES[variant.dtype_of(extras[0]) if extras else variant.dtype],
+                   len(extras), WRITES[precision.write]),
+        ALIGNED_ONLY=variant.mixed or precision.write == "stochastic")
     if kernel == "sums":
         return dict(common, TERMS=adapter(alg, "terms", variant.states))
     return dict(common, UPDATE=adapter(alg, "update", variant.states),
-                FINISH=variant.finishes, ROUND_BF16_BY_HAND=interpreting)
+                FINISH=variant.finishes)
 
 
 # ---- the kernels --------------------------------------------------------------------------------
@@ -250,24 +277,71 @@ def _load_raw(param, grad, states, offs, mask, NUM_STATES: tl.constexpr):
 
 
 @triton.jit
+def _round_stochastic(x, rng, offs):
+    """Round fp32 ``x`` to bf16 stochastically: up (in magnitude) with probability equal to
+    its distance from the bf16 value below, in ulps, so that the rounding is unbiased. The
+    16 random bits of an element come from Philox (10 rounds) keyed by the optimizer's seed,
+    with the counter (element index, tensor index, step count): ``rng`` is (seed, step count,
+    tensor index), ``offs`` the elements' indices in their tensor. Infinities and NaNs are kept;
+    a value rounded up past the largest bf16 becomes infinity, as in round to nearest."""
+    seed, count, t = rng
+    low = offs.to(tl.uint32)
+    zero = low * 0
+    bits, _, _, _ = tl.philox(seed, low, (offs >> 32).to(tl.uint32), zero + t.to(tl.uint32),
+                              zero + count.to(tl.uint32))
+    raw = x.to(tl.uint32, bitcast=True)
+    rounded = ((raw + (bits & 0xFFFF)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    special = (raw & 0x7F800000) == 0x7F800000  # inf or NaN: nothing to round
+    return tl.where(special, x, rounded).to(tl.bfloat16)
+
+
+@triton.jit
+def _working_param(raw, NUM_STATES: tl.constexpr, COMPUTE: tl.constexpr,
+                   STORAGE: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """The param value the update works on: the param; or its fp32 master copy (where the
+    param still is the master's rounding: a param the user changed since is taken as it is,
+    as torch would); or param + compensation (Kahan)."""
+    p = raw[0].to(COMPUTE)
+    if PRECISION[P_WRITE] == WRITE_MASTER:
+        master = raw[2 + NUM_STATES - 1].to(COMPUTE)
+        same = _to_storage(master, STORAGE, ROUND_BF16_BY_HAND).to(COMPUTE) == p
+        p = tl.where(same, master, p)
+    elif PRECISION[P_WRITE] == WRITE_KAHAN:
+        p = p + raw[2 + NUM_STATES - 1].to(COMPUTE)
+    return p
+
+
+@triton.jit
 def _update_body(raw, param, states, offs, mask, per_tensor, acc, FN: tl.constexpr,
                  FLAGS: tl.constexpr, NUM_STATES: tl.constexpr, NUM_SUMS: tl.constexpr,
                  STORAGE: tl.constexpr, COMPUTE: tl.constexpr, SCALE_GRADS: tl.constexpr,
-                 ROUND_BF16_BY_HAND: tl.constexpr):
-    """One loaded block: the update in the opmath dtype, stored in the storage dtype."""
-    hyper, scalars, sums, fresh, scaling = per_tensor
-    p = raw[0].to(COMPUTE)
+                 ROUND_BF16_BY_HAND: tl.constexpr, PRECISION: tl.constexpr):
+    """One loaded block: the update in the opmath dtype, stored in the storage dtypes, the
+    param as the precision mode writes it."""
+    hyper, scalars, sums, fresh, scaling, rng = per_tensor
+    p = _working_param(raw, NUM_STATES, COMPUTE, STORAGE, ROUND_BF16_BY_HAND, PRECISION)
     g = raw[1].to(COMPUTE)
     if SCALE_GRADS:
         g = g * scaling.to(COMPUTE)
     values = ()
-    for i in tl.static_range(NUM_STATES):
+    for i in tl.static_range(NUM_STATES - PRECISION[P_NUM_EXTRA]):
         values = values + (raw[2 + i].to(COMPUTE),)
     p, values = FN(p, g, values, hyper, scalars, sums, fresh, FLAGS)
-    tl.store(param + offs, _to_storage(p, STORAGE, ROUND_BF16_BY_HAND), mask=mask)
-    for i in tl.static_range(NUM_STATES):
-        tl.store(states[i] + offs, _to_storage(values[i], STORAGE, ROUND_BF16_BY_HAND),
-                 mask=mask)
+    if PRECISION[P_WRITE] == WRITE_STOCHASTIC:
+        tl.store(param + offs, _round_stochastic(p, rng, offs), mask=mask)
+    else:
+        stored = _to_storage(p, STORAGE, ROUND_BF16_BY_HAND)
+        tl.store(param + offs, stored, mask=mask)
+        if PRECISION[P_WRITE] == WRITE_MASTER:
+            tl.store(states[NUM_STATES - 1] + offs, p, mask=mask)
+        elif PRECISION[P_WRITE] == WRITE_KAHAN:
+            compensation = p - stored.to(COMPUTE)
+            tl.store(states[NUM_STATES - 1] + offs,
+                     _to_storage(compensation, STORAGE, ROUND_BF16_BY_HAND), mask=mask)
+    for i in tl.static_range(NUM_STATES - PRECISION[P_NUM_EXTRA]):
+        tl.store(states[i] + offs,
+                 _to_storage(values[i], PRECISION[P_STATE], ROUND_BF16_BY_HAND), mask=mask)
     return acc
 
 
@@ -275,16 +349,16 @@ def _update_body(raw, param, states, offs, mask, per_tensor, acc, FN: tl.constex
 def _terms_body(raw, param, states, offs, mask, per_tensor, acc, FN: tl.constexpr,
                 FLAGS: tl.constexpr, NUM_STATES: tl.constexpr, NUM_SUMS: tl.constexpr,
                 STORAGE: tl.constexpr, COMPUTE: tl.constexpr, SCALE_GRADS: tl.constexpr,
-                ROUND_BF16_BY_HAND: tl.constexpr):
+                ROUND_BF16_BY_HAND: tl.constexpr, PRECISION: tl.constexpr):
     """One loaded block: the algorithm's terms, added to the per-lane sums (lanes outside
     the mask count 0)."""
-    hyper, scalars, sums, fresh, scaling = per_tensor
-    p = raw[0].to(COMPUTE)
+    hyper, scalars, sums, fresh, scaling, rng = per_tensor
+    p = _working_param(raw, NUM_STATES, COMPUTE, STORAGE, ROUND_BF16_BY_HAND, PRECISION)
     g = raw[1].to(COMPUTE)
     if SCALE_GRADS:
         g = g * scaling.to(COMPUTE)
     values = ()
-    for i in tl.static_range(NUM_STATES):
+    for i in tl.static_range(NUM_STATES - PRECISION[P_NUM_EXTRA]):
         values = values + (raw[2 + i].to(COMPUTE),)
     terms = FN(p, g, values, hyper, scalars, (), fresh, FLAGS)
     summed = ()
@@ -301,6 +375,7 @@ def _walk(param, grad, states, start, numel, shift, same, per_tensor, acc, eleme
           BODY: tl.constexpr, FN: tl.constexpr, FLAGS: tl.constexpr,
           NUM_STATES: tl.constexpr, NUM_SUMS: tl.constexpr, STORAGE: tl.constexpr,
           COMPUTE: tl.constexpr, SCALE_GRADS: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr,
+          PRECISION: tl.constexpr,
           BLOCK: tl.constexpr, ITERS: tl.constexpr, VECTOR: tl.constexpr,
           PREFETCH: tl.constexpr, THREADS: tl.constexpr):
     """Apply BODY to every element of this program's chunk, in the fastest way its memory
@@ -345,7 +420,7 @@ def _walk(param, grad, states, start, numel, shift, same, per_tensor, acc, eleme
                 acc = BODY(ring[0], framed_param, framed_states,
                            _block_offsets(start, i, lanes, BLOCK), None, per_tensor, acc, FN,
                            FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS,
-                           ROUND_BF16_BY_HAND)
+                           ROUND_BF16_BY_HAND, PRECISION)
                 rest = ()
                 for j in tl.static_range(1, PREFETCH):
                     if i + j < ITERS:
@@ -366,18 +441,18 @@ def _walk(param, grad, states, start, numel, shift, same, per_tensor, acc, eleme
                                     NUM_STATES)
                     acc = BODY(raw, framed_param, framed_states, offs, mask, per_tensor, acc,
                                FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE,
-                               SCALE_GRADS, ROUND_BF16_BY_HAND)
+                               SCALE_GRADS, ROUND_BF16_BY_HAND, PRECISION)
             if whole < end:  # the last, partial vector (< VECTOR elements), one per thread
                 offs = whole + threads
                 element_acc = _elements(framed_param, framed_grad, framed_states, offs,
                                         offs < end, per_tensor, element_acc, BODY, FN, FLAGS,
                                         NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS,
-                                        ROUND_BF16_BY_HAND)
+                                        ROUND_BF16_BY_HAND, PRECISION)
         if (start == 0) & (shift > 0):  # the elements before the frame (< VECTOR)
             element_acc = _elements(param, grad, states, threads,
                                     threads < tl.minimum(shift, numel), per_tensor, element_acc,
                                     BODY, FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE,
-                                    SCALE_GRADS, ROUND_BF16_BY_HAND)
+                                    SCALE_GRADS, ROUND_BF16_BY_HAND, PRECISION)
     else:
         # a runtime loop over one-element-per-thread blocks: code and registers stay those of
         # one small block, whatever ITERS and VECTOR are
@@ -388,7 +463,7 @@ def _walk(param, grad, states, start, numel, shift, same, per_tensor, acc, eleme
             offs = first + threads
             element_acc = _elements(param, grad, states, offs, offs < stop, per_tensor,
                                     element_acc, BODY, FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE,
-                                    COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND)
+                                    COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND, PRECISION)
             first += THREADS
     return acc, element_acc
 
@@ -404,16 +479,17 @@ def _block_offsets(start, i, lanes, BLOCK: tl.constexpr):
 def _elements(param, grad, states, offs, mask, per_tensor, acc, BODY: tl.constexpr,
               FN: tl.constexpr, FLAGS: tl.constexpr, NUM_STATES: tl.constexpr,
               NUM_SUMS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
-              SCALE_GRADS: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr):
+              SCALE_GRADS: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr,
+ PRECISION: tl.constexpr):
     """BODY on masked elements, with no claim on alignment (any address)."""
     raw = _load_raw(param, grad, states, offs, mask, NUM_STATES)
     return BODY(raw, param, states, offs, mask, per_tensor, acc, FN, FLAGS, NUM_STATES,
-                NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND)
+                NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND, PRECISION)
 
 
 @triton.jit
 def _chunk(tensors, num_tensors, work, NUM_STATES: tl.constexpr, NUM_SCALARS: tl.constexpr,
-           VECTOR: tl.constexpr, CHECK_ALIGNMENT: tl.constexpr):
+           VECTOR: tl.constexpr, CHECK_ALIGNMENT: tl.constexpr, ALIGNED_ONLY: tl.constexpr):
     """This program's chunk and its tensor's row of the table, read once: (tensor index,
     first element, numel, shift, same, param address, grad address, state addresses, group,
     fresh pointer, scalar pointers). ``same``: every tensor's address has the same remainder
@@ -421,6 +497,7 @@ def _chunk(tensors, num_tensors, work, NUM_STATES: tl.constexpr, NUM_SCALARS: tl
     cast the addresses to pointers themselves: a pointer made in here and hinted
     ``multiple_of`` on the aligned path carried the hint onto the masked path too (triton
     3.9, seen in the PTX), which would misread unaligned storage (tests/test_codegen.py).
+    With ALIGNED_ONLY, ``same`` also needs every address 16-byte aligned (``shift`` 0).
     With CHECK_ALIGNMENT (the interpreter), numel is 0 where an access of the aligned paths
     would be misaligned, so that the program updates nothing and the tests see it."""
     pid = tl.program_id(0).to(tl.int64)
@@ -444,6 +521,12 @@ def _chunk(tensors, num_tensors, work, NUM_STATES: tl.constexpr, NUM_SCALARS: tl
     group = tl.load(row + COL_GROUP * num_tensors)
     fresh_ptr = tl.load(row + COL_FRESH * num_tensors).to(tl.pointer_type(tl.int64))
     shift = ((16 - offset) & 15) // (16 // VECTOR)  # (addresses are whole elements apart)
+    if ALIGNED_ONLY:
+        # States of another width than the param's (a shift of k elements moves each by
+        # another number of bytes), or stochastic rounding (whose random bits are keyed by
+        # the element's index: the frame's offsets must be the tensor's): the aligned
+        # frame only where every tensor starts 16-byte aligned.
+        differs = differs | (offset != 0)
     if CHECK_ALIGNMENT:  # (the interpreter only: see _frame_misaligned)
         misaligned = _frame_misaligned(param_addr, grad_addr, state_addrs, shift, NUM_STATES,
                                        VECTOR)
@@ -515,7 +598,7 @@ def _per_tensor(hyper_row, scalar_ptrs, sums, t, fresh, FLAGS: tl.constexpr,
 
 @triton.jit(do_not_specialize=["num_tensors", "hyper_stride"])
 def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_counts, sums,
-                      grad_scale, found_inf, clip_coef, UPDATE: tl.constexpr,
+                      grad_scale, found_inf, clip_coef, rng, UPDATE: tl.constexpr,
                       FLAGS: tl.constexpr, NUM_STATES: tl.constexpr, NUM_HYPER: tl.constexpr,
                       NUM_SCALARS: tl.constexpr, USES_STEP: tl.constexpr,
                       ADVANCE: tl.constexpr, NUM_SUMS: tl.constexpr, FINISH: tl.constexpr,
@@ -523,31 +606,60 @@ def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_coun
                       SCALE_GRADS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
                       BLOCK: tl.constexpr, ITERS: tl.constexpr, VECTOR: tl.constexpr,
                       PREFETCH: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr,
-                      THREADS: tl.constexpr, CHECK_ALIGNMENT: tl.constexpr):
-    """Update one chunk of one tensor; the grid is the whole work list of the bucket."""
+                      THREADS: tl.constexpr, CHECK_ALIGNMENT: tl.constexpr,
+                      PRECISION: tl.constexpr, ALIGNED_ONLY: tl.constexpr):
+    """Update one chunk of one tensor; the grid is the whole work list of the bucket.
+
+    ``rng`` (stochastic rounding only): ``int64[3]``, the seed, the launch count (Philox's
+    counter: new random bits every step) and a count of finished programs; the bucket's last
+    program to finish advances the launch count, on the device (capturable)."""
     run, scaling = _amp(grad_scale, found_inf, clip_coef, UNSCALE, SKIP_ON_INF, CLIP)
     if run:
         (t, start, numel, shift, same, param_addr, grad_addr, state_addrs, group, fresh_ptr,
          scalar_ptrs) = _chunk(tensors, num_tensors, work, NUM_STATES, NUM_SCALARS, VECTOR,
-                               CHECK_ALIGNMENT)
+                               CHECK_ALIGNMENT, ALIGNED_ONLY)
         param = param_addr.to(tl.pointer_type(STORAGE))
         grad = grad_addr.to(tl.pointer_type(STORAGE))
-        states = ()
-        for i in tl.static_range(NUM_STATES):
-            states = states + (state_addrs[i].to(tl.pointer_type(STORAGE)),)
+        states = _state_pointers(state_addrs, NUM_STATES, PRECISION)
         fresh = tl.load(fresh_ptr)
         hyper_values, scalars, advanced, sum_values = _per_tensor(
             hyper + group * hyper_stride, scalar_ptrs, sums, t, fresh, FLAGS, NUM_HYPER,
             NUM_SCALARS, USES_STEP, ADVANCE, NUM_SUMS)
+        stochastic = PRECISION[P_WRITE] == WRITE_STOCHASTIC
+        if stochastic:
+            seed = tl.load(rng)
+            count = tl.load(rng + 1)
+        else:
+            seed = t
+            count = t
         nothing = tl.full([], 0, tl.int32)  # (the update accumulates nothing)
         _walk(param, grad, states, start, numel, shift, same,
-              (hyper_values, scalars, sum_values, fresh, scaling), nothing, nothing,
-              _update_body, UPDATE,
+              (hyper_values, scalars, sum_values, fresh, scaling, (seed, count, t)), nothing,
+              nothing, _update_body, UPDATE,
               FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND,
-              BLOCK, ITERS, VECTOR, PREFETCH, THREADS)
+              PRECISION, BLOCK, ITERS, VECTOR, PREFETCH, THREADS)
         if FINISH or fresh != 0:
             _finish(t, numel, done_counts, scalar_ptrs, advanced, sums, fresh, fresh_ptr,
                     NUM_SCALARS, NUM_SUMS, BLOCK * ITERS)
+        if stochastic:
+            # every program has read the launch count before the last one advances it
+            tl.debug_barrier()
+            if tl.atomic_add(rng + 2, 1) == tl.num_programs(0) - 1:
+                tl.store(rng + 1, count + 1)
+                tl.store(rng + 2, 0)
+
+
+@triton.jit
+def _state_pointers(state_addrs, NUM_STATES: tl.constexpr, PRECISION: tl.constexpr):
+    """The state addresses as pointers: the algorithm's states in their storage dtype, the
+    precision mode's extra state in its own."""
+    states = ()
+    for i in tl.static_range(NUM_STATES):
+        if i < NUM_STATES - PRECISION[P_NUM_EXTRA]:
+            states = states + (state_addrs[i].to(tl.pointer_type(PRECISION[P_STATE])),)
+        else:
+            states = states + (state_addrs[i].to(tl.pointer_type(PRECISION[P_EXTRA])),)
+    return states
 
 
 @triton.jit
@@ -586,7 +698,8 @@ def multi_tensor_sums(tensors, num_tensors, work, hyper, hyper_stride, sums, gra
                       SCALE_GRADS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
                       BLOCK: tl.constexpr, ITERS: tl.constexpr, VECTOR: tl.constexpr,
                       PREFETCH: tl.constexpr, THREADS: tl.constexpr,
-                      CHECK_ALIGNMENT: tl.constexpr):
+                      CHECK_ALIGNMENT: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr,
+                      PRECISION: tl.constexpr, ALIGNED_ONLY: tl.constexpr):
     """Per-tensor sums of the algorithm's terms over the same tables: one read-only launch
     whose results (``sums[t, :]``) the update launch reads (LAMB's trust-ratio norms).
     Skipped, like the update, where AMP found an inf (the sums then stay zero)."""
@@ -594,12 +707,10 @@ def multi_tensor_sums(tensors, num_tensors, work, hyper, hyper_stride, sums, gra
     if run:
         (t, start, numel, shift, same, param_addr, grad_addr, state_addrs, group, fresh_ptr,
          scalar_ptrs) = _chunk(tensors, num_tensors, work, NUM_STATES, NUM_SCALARS, VECTOR,
-                               CHECK_ALIGNMENT)
+                               CHECK_ALIGNMENT, ALIGNED_ONLY)
         param = param_addr.to(tl.pointer_type(STORAGE))
         grad = grad_addr.to(tl.pointer_type(STORAGE))
-        states = ()
-        for i in tl.static_range(NUM_STATES):
-            states = states + (state_addrs[i].to(tl.pointer_type(STORAGE)),)
+        states = _state_pointers(state_addrs, NUM_STATES, PRECISION)
         fresh = tl.load(fresh_ptr)
         hyper_values, scalars, advanced, sum_values = _per_tensor(
             hyper + group * hyper_stride, scalar_ptrs, sums, t, fresh, FLAGS, NUM_HYPER,
@@ -611,9 +722,10 @@ def multi_tensor_sums(tensors, num_tensors, work, hyper, hyper_stride, sums, gra
         for _ in tl.static_range(NUM_SUMS):
             element_acc = element_acc + (tl.zeros([THREADS], dtype=COMPUTE),)
         acc, element_acc = _walk(param, grad, states, start, numel, shift, same,
-                                 (hyper_values, scalars, sum_values, fresh, scaling), acc,
-                                 element_acc, _terms_body, TERMS, FLAGS, NUM_STATES, NUM_SUMS,
-                                 STORAGE, COMPUTE, SCALE_GRADS, False, BLOCK, ITERS, VECTOR,
+                                 (hyper_values, scalars, sum_values, fresh, scaling,
+                                  (t, t, t)), acc, element_acc, _terms_body, TERMS, FLAGS,
+                                 NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS,
+                                 ROUND_BF16_BY_HAND, PRECISION, BLOCK, ITERS, VECTOR,
                                  PREFETCH, THREADS)
         for i in tl.static_range(NUM_SUMS):
             total = tl.sum(acc[i], axis=0) + tl.sum(element_acc[i], axis=0)
@@ -688,14 +800,16 @@ def launch(variant: Variant, *, tensors: torch.Tensor, num_tensors: int, work: t
            num_work: int, hyper: torch.Tensor, done_counts: torch.Tensor,
            sums: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
            found_inf: torch.Tensor | None = None, clip_coef: torch.Tensor | None = None,
-           interpreting: bool = False, prepared: dict | None = None) -> None:
+           rng: torch.Tensor | None = None, interpreting: bool = False,
+           prepared: dict | None = None) -> None:
     """Launch one multi-tensor step over a bucket's tables (see the module docstring).
 
     With sums (an algorithm that declares them), first one :func:`multi_tensor_sums` launch
     fills ``sums`` (``[num_tensors, len(algorithm.sums)]`` in the opmath dtype, zero on entry;
     the step launch zeroes it again). ``grad_scale`` / ``found_inf``: AMP's float32 scalars on
     this device, and ``clip_coef`` a float32 scalar the grads are multiplied by; present
-    exactly when ``variant`` says so. ``prepared``: a dict the caller keeps for its launches
+    exactly when ``variant`` says so. ``rng``: stochastic rounding's ``int64[3]`` device
+    tensor (seed, launch count, 0; see :func:`multi_tensor_step`). ``prepared``: a dict the caller keeps for its launches
     (a bucket's): its :class:`Prepared` kernels skip the JIT's per-call binding.
     """
     global _launches
@@ -714,5 +828,6 @@ def launch(variant: Variant, *, tensors: torch.Tensor, num_tensors: int, work: t
         kernel = prepared[("step", variant)] = Prepared(
             multi_tensor_step, constexprs(variant, "step", interpreting))
     kernel((num_work,), (tensors, num_tensors, work, hyper, hyper.shape[1], done_counts,
-                         sums if sums is not None else done_counts, *amp))
+                         sums if sums is not None else done_counts, *amp,
+                         rng if rng is not None else tensors))
     _launches += 1

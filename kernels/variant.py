@@ -1,21 +1,58 @@
-"""What selects one compiled kernel: :class:`Variant`. No triton here: the engine builds
-variants where triton is not installed (the reference path runs them too)."""
+"""What selects one compiled kernel: :class:`Variant`, with its :class:`Precision`. No triton
+here: the engine builds variants where triton is not installed (the reference path runs them
+too)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from fusedopt.kernels.algorithms import Algorithm
 
+#: The extra state tensors a precision mode keeps next to the algorithm's, by name.
+MASTER = "master_param"
+KAHAN = "kahan_comp"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a bucket keeps its numbers, beyond the param's dtype.
+
+    * ``state_dtype``: the storage dtype of the algorithm's states; None: the dtype the update
+      works on (float32 with a master copy, else the param's).
+    * ``write``: how the updated param is stored:
+
+      - ``"nearest"``: rounded to nearest even (torch's way);
+      - ``"master"``: an fp32 copy (state ``master_param``) is what the update reads and
+        writes; the param is its round-to-nearest-even value;
+      - ``"stochastic"``: rounded to bf16 stochastically (unbiased: up with probability
+        equal to the distance from the value below, in ulps);
+      - ``"kahan"``: param + ``kahan_comp`` (both in the param's dtype) is the value the
+        update reads; the new value ``x`` is stored as ``p = round(x)`` and
+        ``kahan_comp = round(x - p)``, so the pair keeps about twice the param's bits.
+    """
+
+    state_dtype: torch.dtype | None = None
+    write: str = "nearest"
+
+    def __post_init__(self) -> None:
+        if self.write not in ("nearest", "master", "stochastic", "kahan"):
+            raise ValueError(f"unknown write mode {self.write!r}")
+
+    @property
+    def extras(self) -> tuple[str, ...]:
+        """The extra state tensors this mode keeps (after the algorithm's states)."""
+        return {"master": (MASTER,), "kahan": (KAHAN,)}.get(self.write, ())
+
 
 @dataclass(frozen=True)
 class Variant:
     """Everything that selects a compiled kernel: the algorithm, the states this variant has
-    (amsgrad adds one), its flag values, the storage dtype, and which AMP/clip inputs it
-    takes. :func:`fusedopt.kernels.skeleton.constexprs` turns it into the kernels' constexpr
-    arguments, for :func:`fusedopt.kernels.launch` and :mod:`fusedopt.kernels.codegen` alike."""
+    (amsgrad adds one), its flag values, the param's storage dtype, its precision mode, and
+    which AMP/clip inputs it takes. :func:`fusedopt.kernels.skeleton.constexprs` turns it
+    into the kernels' constexpr arguments, for :func:`fusedopt.kernels.launch` and
+    :mod:`fusedopt.kernels.codegen` alike."""
 
     algorithm: Algorithm
     states: tuple[str, ...]
@@ -24,6 +61,7 @@ class Variant:
     unscale: bool = False
     skip_on_inf: bool = False
     clip: bool = False
+    precision: Precision = field(default_factory=Precision)
 
     def __post_init__(self) -> None:
         alg = self.algorithm
@@ -32,6 +70,32 @@ class Variant:
                              "in that order")
         if len(self.flags) != len(alg.flags):
             raise ValueError(f"{alg.name}: {len(self.flags)} flag values for {alg.flags}")
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """Every state tensor of a param, in table order: the algorithm's, then the
+        precision mode's extra one (if any)."""
+        return self.states + self.precision.extras
+
+    @property
+    def state_storage(self) -> torch.dtype:
+        """The storage dtype of the algorithm's states."""
+        if self.precision.state_dtype is not None:
+            return self.precision.state_dtype
+        return torch.float32 if self.precision.write == "master" else self.dtype
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The storage dtype of ``name``: "param" (and its grad), a state, or an extra."""
+        if name == MASTER:
+            return torch.float32
+        if name in ("param", KAHAN):
+            return self.dtype
+        return self.state_storage
+
+    @property
+    def mixed(self) -> bool:
+        """Whether some state is stored in another dtype than the param."""
+        return any(self.dtype_of(name) != self.dtype for name in self.tensors)
 
     @property
     def compute(self) -> torch.dtype:

@@ -1412,7 +1412,7 @@ def compile_one(job: dict[str, Any], sass_dir: Path | None) -> dict[str, Any]:
     if "BLOCK" in consts and "ITERS" in consts:
         per_program = consts["BLOCK"] * consts["ITERS"]
     elif hasattr(skeleton, "chunk_elements"):
-        per_program = skeleton.chunk_elements(variant.dtype)
+        per_program = skeleton.chunk_elements(variant)
     else:
         per_program = skeleton.CHUNK
     n_regs = getattr(kernel, "n_regs", None)  # filled only where a driver loaded it
