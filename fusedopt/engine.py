@@ -29,9 +29,10 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fusedopt import precision
 from fusedopt.backend import check_backend_name, resolve_backend
 from fusedopt.kernels.algorithms import Algorithm
-from fusedopt.kernels.variant import Variant
+from fusedopt.kernels.variant import Precision, Variant
 from fusedopt.state import StateOfBucket, WatchedStates, check_existing_state
 from fusedopt.table import TensorTable, WrittenMemory
 from fusedopt.tensors import (
@@ -73,12 +74,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__init_subclass__(**kwargs)
         twin = torch_twin(cls)
         if twin is not None and "__init__" not in cls.__dict__:
-            cls.__init__ = twin_constructor(twin)
+            cls.__init__ = twin_constructor(
+                twin, precision.OPTIONS if cls.precision_modes else None)
 
     @property
     def launches_per_step(self) -> int:
         """Kernel launches per step for each (device, dtype, variant) bucket."""
         return 2 if self.algorithm.sums else 1
+
+    #: Whether the optimizer takes the precision options (:mod:`fusedopt.precision`): the
+    #: element-wise ones do, in the one launch of the skeleton.
+    precision_modes = True
 
     #: Whether the update needs each whole tensor (per-tensor norms, row and column sums,
     #: matrix products): the kernels cannot run on FSDP2's local shards then.
@@ -186,6 +192,28 @@ class FusedOptimizer(torch.optim.Optimizer):
         twin = torch_twin(type(self))
         if twin is not None:
             check_options(name, twin, group, self.torch_options)
+        if self.precision_modes:
+            precision.check_options(name, group)
+        else:
+            chosen = [k for k, default in precision.OPTIONS.items()
+                      if group.get(k, default) != default]
+            if chosen:
+                raise NotImplementedError(f"{name} does not take {', '.join(chosen)}: its "
+                                          "update is not element-wise (see fusedopt.precision)")
+
+    def _adopt_options(self, options: dict[str, Any]) -> None:
+        """fusedopt's own group options (``options``: name -> value given to the constructor)
+        become defaults, and every group's, as torch's options are."""
+        self.defaults.update(options)
+        for group in self.param_groups:
+            for name, value in options.items():
+                group.setdefault(name, value)
+
+    def _precision(self, group: dict, p: Tensor) -> Precision:
+        """The precision mode of ``p`` in ``group``."""
+        if not self.precision_modes:
+            return Precision()
+        return precision.precision_of(group, p, f"fusedopt.{type(self).__name__}")
 
     def _after_torch_init(self) -> None:
         self._record_engine()
@@ -346,7 +374,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         watched = type(self.state) is WatchedStates
         if (self._buckets is None or not watched
                 or self.state.changes[0] != self._seen_state_changes
-                or not self._same_groups(flags)):
+                or not self._same_groups(flags)
+                or self._precision_options() != self._group_precision_seen):
             self._buckets = self._make_buckets(flags)
         clip_coef = self._pending_clip_coefficient()  # raises if the grads changed under it
         try:
@@ -582,13 +611,34 @@ class FusedOptimizer(torch.optim.Optimizer):
         members: dict[tuple, list[tuple[Tensor, int]]] = {}
         for index, (group, group_flags) in enumerate(zip(self.param_groups, flags)):
             for p in group["params"]:
-                key = (p.device, real_dtype(p), tuple(group_flags.values()), self._param_kind(p))
+                key = (p.device, real_dtype(p), tuple(group_flags.values()), self._param_kind(p),
+                       self._precision(group, p))
                 members.setdefault(key, []).append((p, index))
         self._group_params = [list(g["params"]) for g in self.param_groups]
         self._group_flags_seen = flags
+        self._group_precision_seen = self._precision_options()
         self._seen_state_changes = getattr(self.state, "changes", [-1])[0]
-        return [_Bucket(self, device, dtype, flags[entries[0][1]], entries, kind)
-                for (device, dtype, _, kind), entries in members.items()]
+        return [_Bucket(self, device, dtype, flags[entries[0][1]], entries, kind, mode)
+                for (device, dtype, _, kind, mode), entries in members.items()]
+
+    def _precision_options(self) -> list[tuple]:
+        """Every group's precision options (a change regroups the params)."""
+        if not self.precision_modes:
+            return []
+        return [tuple(g.get(k, d) for k, d in precision.OPTIONS.items())
+                for g in self.param_groups]
+
+    def _rounding_state(self, device: torch.device) -> Tensor:
+        """Stochastic rounding's ``int64[3]`` device tensor for ``device``: (seed, launch
+        count, 0). The seed is drawn from torch's default generator the first time (so a run
+        is reproducible from ``torch.manual_seed``); the kernels advance the count on the
+        device. Saved in ``state_dict()`` (see :data:`precision.ROUNDING_KEY`)."""
+        states = self.__dict__.setdefault("_rounding", {})
+        key = str(device)
+        if key not in states:
+            seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+            states[key] = torch.tensor([seed, 0, 0], dtype=torch.int64, device=device)
+        return states[key]
 
 
 _GRAD = operator.attrgetter("grad")
@@ -636,7 +686,8 @@ class _Bucket:
     """
 
     def __init__(self, opt: FusedOptimizer, device: torch.device, dtype: torch.dtype,
-                 flags: dict[str, bool], entries: list[tuple[Tensor, int]], kind: Any = None):
+                 flags: dict[str, bool], entries: list[tuple[Tensor, int]], kind: Any = None,
+                 mode: Precision | None = None):
         self.opt = opt
         self.owner = f"fusedopt.{type(opt).__name__}"
         self.device = device
@@ -645,7 +696,7 @@ class _Bucket:
         self.members = [p for p, _ in entries]
         self.group_of = [g for _, g in entries]
         self.variant = Variant(opt.algorithm, opt._variant_states(flags, kind),
-                               tuple(flags.values()), dtype)
+                               tuple(flags.values()), dtype, precision=mode or Precision())
         self.backend = resolve_backend(opt._backend_request, device)
         # The reference path runs DTensor ops as they are; the kernels take the local shards.
         self.sharded = self.backend == "triton" and any(map(is_dtensor, self.members))
@@ -752,7 +803,11 @@ class _Bucket:
                                f"{describe(p)}; fusedopt needs grads of the parameter's dtype, "
                                "shape and device")
         self.opt._check_sparse_group(self.opt.param_groups[self.group_of[i]])
-        check_existing_state(self.opt, p, self.variant.states, self.owner, name)
+        if self.variant.precision != Precision():
+            raise NotImplementedError(f"{self.owner}: sparse grads with the precision options "
+                                      f"({name}); they are for dense training")
+        check_existing_state(self.opt, p, self.variant.tensors, self.owner, name,
+                             self.variant.dtype_of)
 
     def table_memory(self, written: list) -> bool:
         """Add (span, describe) of the params and states of this bucket's table to
@@ -796,7 +851,7 @@ class _Bucket:
         name = self._namer(i)
         written.append((span(p), lambda name=name: f"parameter {name()}"))
         state = self.opt.state.get(p)
-        for n in (*self.variant.states, *self.opt.algorithm.scalars):
+        for n in (*self.variant.tensors, *self.opt.algorithm.scalars):
             value = dict.get(state, n) if isinstance(state, dict) else None
             if isinstance(value, Tensor) and value.device == p.device:
                 written.append((span(value), lambda name=name, n=n: f"state {n!r} of {name()}"))
@@ -816,7 +871,7 @@ class _Bucket:
     def _dicts_intact(self) -> bool:
         """The state dicts assigned by hand (nobody counts their changes) hold what they held."""
         for state, values in self.unwatched:
-            names = (*self.variant.states, *self.opt.algorithm.scalars)
+            names = (*self.variant.tensors, *self.opt.algorithm.scalars)
             if any(dict.get(state, n) is not v for n, v in zip(names, values)):
                 return False
         return True
@@ -839,7 +894,8 @@ class _Bucket:
             check_param(p, self.owner)  # ``p.data`` may have been re-pointed since
             check_grad(g, p, self.owner, name)
             self.opt._check_update(p, g, name)
-            check_existing_state(self.opt, p, (*self.variant.states, ), self.owner, name)
+            check_existing_state(self.opt, p, self.variant.tensors, self.owner, name,
+                                 self.variant.dtype_of)
         return grads
 
     def run(self, hyper: list[dict[str, Any]], grad_scale: Tensor | None = None,
@@ -900,7 +956,8 @@ class _Bucket:
         live = self.live = [i for i, g in enumerate(grads) if g is not None]
         params = [self.members[i] for i in live]
         groups = [self.group_of[i] for i in live]
-        state = StateOfBucket(self.opt, params, groups, self.variant.states)
+        state = StateOfBucket(self.opt, params, groups, self.variant.tensors,
+                              self.variant.dtype_of, self.variant.precision.extras)
         self.table = None
         table = TensorTable(params, [grads[i] for i in live], state.states, state.scalars,
                             lambda k: self._name(live[k]), self.owner, self.sharded,
@@ -912,6 +969,8 @@ class _Bucket:
                                                   self.device)
         else:
             self.runner = ReferenceRunner(self.variant, table, groups, state.fresh)
+        if self.runner is not None and self.variant.precision.write == "stochastic":
+            self.runner.rng = self.opt._rounding_state(self.device)
         self.table = table
         self.grads_seen = grads
         self.missing = [g is None for g in grads]

@@ -354,6 +354,8 @@ class SparseAdam(FusedOptimizer, torch.optim.SparseAdam):
     for the math.
     """
 
+    precision_modes = False  # not element-wise: see fusedopt.precision
+
     torch_options = ("lr", "betas", "eps", "maximize")
     algorithm = algorithms.SPARSE_ADAM
     sparse_grads = "only"
@@ -389,6 +391,8 @@ class Adafactor(FusedOptimizer, torch.optim.Adafactor):
     column and ||theta||^2; the new factors and their means; ||U||^2; the update. See
     :func:`fusedopt.reference.adafactor` for the math.
     """
+
+    precision_modes = False  # not element-wise: see fusedopt.precision
 
     torch_options = ("lr", "beta2_decay", "eps", "d", "weight_decay", "maximize")
     algorithm = algorithms.ADAFACTOR
@@ -449,6 +453,8 @@ class Muon(FusedOptimizer, torch.optim.Muon):
     Same arguments as :class:`torch.optim.Muon`, plus ``backend`` (see :class:`Adam`). 2-D
     params only, as torch. See :func:`fusedopt.reference.muon` for the math.
     """
+
+    precision_modes = False  # not element-wise: see fusedopt.precision
 
     torch_options = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps",
                      "ns_steps", "adjust_lr_fn")
@@ -523,11 +529,15 @@ class Lion(FusedOptimizer):
 
     def __init__(self, params, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False,
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 kahan_summation: bool = False, state_dtype: torch.dtype | None = None,
                  backend: str | None = None):
-        self._before_torch_init(backend, {})
+        options = {"master_weights": master_weights, "stochastic_rounding": stochastic_rounding,
+                   "kahan_summation": kahan_summation, "state_dtype": state_dtype}
+        self._before_torch_init(backend, options)
         _check_common(lr, betas, weight_decay)
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay,
-                    "maximize": maximize}
+                    "maximize": maximize, **options}
         super().__init__(params, defaults)
         self._after_torch_init()
 
@@ -568,13 +578,17 @@ class LAMB(FusedOptimizer):
     def __init__(self, params, lr: float | Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.01, bias_correction: bool = True, *,
-                 maximize: bool = False, backend: str | None = None):
-        self._before_torch_init(backend, {})
+                 maximize: bool = False, master_weights: bool = False,
+                 stochastic_rounding: bool = False, kahan_summation: bool = False,
+                 state_dtype: torch.dtype | None = None, backend: str | None = None):
+        options = {"master_weights": master_weights, "stochastic_rounding": stochastic_rounding,
+                   "kahan_summation": kahan_summation, "state_dtype": state_dtype}
+        self._before_torch_init(backend, options)
         _check_common(lr, betas, weight_decay)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
-                    "bias_correction": bias_correction, "maximize": maximize}
+                    "bias_correction": bias_correction, "maximize": maximize, **options}
         super().__init__(params, defaults)
         self._after_torch_init()
 

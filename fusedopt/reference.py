@@ -462,6 +462,85 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# ---- precision modes: how the update's numbers are kept ----------------------------------------
+
+_WORD = 0xFFFFFFFF
+
+
+def _mul_words(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """The high and low 32-bit words of ``a * b`` for a 32-bit constant and 32-bit words held
+    in int64 (their product would overflow int64: ``b`` is split into 16-bit halves)."""
+    b_high, b_low = b >> 16, b & 0xFFFF
+    low_part, high_part = a * b_low, a * b_high  # each < 2**48
+    high = (high_part + (low_part >> 16)) >> 16
+    low = (low_part + ((high_part & 0xFFFF) << 16)) & _WORD
+    return high, low
+
+
+def philox(seed: int, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor) -> Tensor:
+    """The first word of Philox-4x32-10 (Salmon et al., 2011) for the counter (c0, c1, c2, c3)
+    (32-bit words in int64 tensors) and the 64-bit key ``seed``: the random bits
+    ``tl.philox`` gives the kernels, computed the same way."""
+    k0, k1 = seed & _WORD, (seed >> 32) & _WORD
+    for _ in range(10):
+        high_b, low_b = _mul_words(0xCD9E8D57, c2)
+        high_a, low_a = _mul_words(0xD2511F53, c0)
+        c0, c1, c2, c3 = high_b ^ c1 ^ k0, low_b, high_a ^ c3 ^ k1, low_a
+        k0, k1 = (k0 + 0x9E3779B9) & _WORD, (k1 + 0xBB67AE85) & _WORD
+    return c0
+
+
+def round_stochastic(x: Tensor, seed: int, count: int, tensor_index: int) -> Tensor:
+    """fp32 ``x`` rounded to bf16 stochastically: 16 random bits (Philox keyed by ``seed``,
+    counter (element index, tensor index, launch count)) added below bf16's last bit, then
+    cut off. A value ``f`` of the way (in ulps) from the bf16 value below it rounds up with
+    probability ``f``: the rounding is unbiased. Infinities and NaNs are kept."""
+    index = torch.arange(x.numel(), dtype=torch.int64, device=x.device)
+    bits = philox(seed, index & _WORD, index >> 32, torch.full_like(index, tensor_index),
+                  torch.full_like(index, count & _WORD)) & 0xFFFF
+    raw = x.reshape(-1).view(torch.int32).to(torch.int64) & _WORD
+    rounded = (raw + bits) & 0xFFFF0000
+    rounded = torch.where(rounded >= 2 ** 31, rounded - 2 ** 32, rounded)  # as int32 bits
+    special = (raw & 0x7F800000) == 0x7F800000  # inf or NaN
+    out = torch.where(special, x.reshape(-1), rounded.to(torch.int32).view(torch.float32))
+    return out.to(torch.bfloat16).view(x.shape)
+
+
+def precise_update(update, param: Tensor, grad: Tensor, states: dict[str, Tensor | None],
+                   extra: Tensor | None, *, write: str, rng: tuple[int, int, int] | None,
+                   **arguments) -> None:
+    """One update of a param in a precision mode (:class:`fusedopt.kernels.variant.Precision`),
+    ``update`` being the algorithm's reference function.
+
+    The update runs once on upcast copies (float32; float64 for float64 params), on the
+    param's working value: the param (``write`` "nearest" or "stochastic"), its fp32 master
+    copy ``extra`` ("master"; where the param no longer is the master's rounding, the user
+    changed it, and the param is taken), or param + compensation ``extra`` ("kahan"). Then
+    each state is stored rounded to nearest even in its own dtype, and the param as the mode
+    writes it: rounded to nearest (the master keeps the full value; Kahan's compensation keeps
+    what the rounding lost, itself rounded), or stochastically (``rng``: seed, launch count,
+    the param's index in its bucket)."""
+    compute = _opmath(param.dtype)
+    working = param.to(compute)
+    if write == "master":
+        working = torch.where(extra.to(param.dtype).to(compute) == working, extra, working)
+    elif write == "kahan":
+        working = working + extra.to(compute)
+    upcast = {name: None if s is None else s.to(compute) for name, s in states.items()}
+    update(working, grad.to(compute), **upcast, **arguments)
+    for name, s in states.items():
+        if s is not None:
+            s.copy_(upcast[name])
+    if write == "stochastic":
+        param.copy_(round_stochastic(working, *rng))
+        return
+    param.copy_(working)
+    if write == "master":
+        extra.copy_(working)
+    elif write == "kahan":
+        extra.copy_(working - param.to(compute))
+
+
 # ---- every reference function takes exactly what its declaration names ------------------------
 
 for _name, _algorithm in {**ALGORITHMS, **TILED_ALGORITHMS}.items():

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fusedopt import reference
 from fusedopt.kernels import interpreting
+from fusedopt.kernels.variant import Precision
 from fusedopt.table import TensorTable
 from fusedopt.tensors import real
 
@@ -31,7 +32,10 @@ def python_hyper(hyper: dict[str, Any]) -> dict[str, Any]:
 
 
 class ReferenceRunner:
-    """The readable path: the algorithm's reference function, param by param."""
+    """The readable path: the algorithm's reference function, param by param (through
+    :func:`fusedopt.reference.precise_update` in a precision mode)."""
+
+    rng: Tensor | None = None  # stochastic rounding's (seed, launch count, 0)
 
     def __init__(self, variant, table: TensorTable, groups: list[int],
                  fresh: list[Tensor | None]):
@@ -56,22 +60,35 @@ class ReferenceRunner:
         hyper = [python_hyper(h) for h in hyper]
         flags = dict(zip(algorithm.flags, self.variant.flags))
         absent = {s: None for s in algorithm.states if s not in self.variant.states}
+        mode = self.variant.precision
+        if self.rng is not None:
+            seed, count, _ = self.rng.tolist()
         for k, (p, g) in enumerate(zip(table.params, grads)):
-            states = dict(zip(self.variant.states, (real(s) for s in table.states[k])))
+            states = dict(zip(self.variant.tensors, (real(s) for s in table.states[k])))
             scalars = dict(zip(algorithm.scalars, table.scalars[k]))
             if "step" in scalars:  # torch counts the step before using it
                 scalars["step"] = scalars["step"].add_(1).item()
             fresh = {"fresh": bool(self.fresh[k])} if algorithm.reads_fresh else {}
-            self.update(real(p), real(g), **{**absent, **states}, **hyper[self.groups[k]],
-                        **scalars, **fresh, **flags)
+            arguments = {**hyper[self.groups[k]], **scalars, **fresh, **flags}
+            if mode == Precision():
+                self.update(real(p), real(g), **{**absent, **states}, **arguments)
+                continue
+            extra = states.pop(mode.extras[0]) if mode.extras else None
+            reference.precise_update(
+                self.update, real(p), real(g), {**absent, **states}, extra, write=mode.write,
+                rng=(seed, count, k) if self.rng is not None else None, **arguments)
         for flag in self.fresh:
             if flag is not None:
                 flag.zero_()
+        if self.rng is not None:
+            self.rng[1] += 1  # the launch count, as the kernel advances it
 
 
 class TritonRunner:
     """The kernel path: a device copy of the table (addresses, sizes, groups, the fresh flags
     and scalar addresses), the chunk work list, and one launch per step."""
+
+    rng: Tensor | None = None  # stochastic rounding's (seed, launch count, 0)
 
     def __init__(self, variant, table: TensorTable, groups: list[int],
                  fresh: list[Tensor | None], device: torch.device):
@@ -83,7 +100,7 @@ class TritonRunner:
         self.not_new = torch.zeros((), dtype=torch.int64, device=device)
         self.fresh = fresh
         n = len(table.params)
-        names = kernels.columns(len(variant.states), len(variant.algorithm.scalars))
+        names = kernels.columns(len(variant.tensors), len(variant.algorithm.scalars))
         self.columns = {name: i for i, name in enumerate(names)}
         cols: dict[str, list[int]] = {name: [0] * n for name in names}
         self.state_copies: list[tuple[Tensor, Tensor]] = []
@@ -97,7 +114,7 @@ class TritonRunner:
                     # The kernel indexes param and states alike: a state laid out otherwise
                     # (assigned by hand, torch updates it by logical index) is updated through
                     # a copy in the param's layout, copied back after the launch.
-                    copy = torch.empty_like(p)
+                    copy = torch.empty_like(p, dtype=s.dtype)
                     self.state_copies.append((s, copy))
                     s = copy
                 cols[f"STATE{j}"][k] = s.data_ptr()
@@ -149,7 +166,8 @@ class TritonRunner:
                 variant, tensors=self.tensors, num_tensors=self.num_tensors, work=self.work,
                 num_work=self.num_work, hyper=self.hyper, done_counts=self.done_counts,
                 sums=self.sums, grad_scale=grad_scale, found_inf=found_inf,
-                clip_coef=clip_coef, interpreting=interpreting(), prepared=self.prepared)
+                clip_coef=clip_coef, rng=self.rng, interpreting=interpreting(),
+                prepared=self.prepared)
         for state, copy in self.state_copies:
             state.copy_(copy)
 

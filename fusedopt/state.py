@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fusedopt.kernels.variant import MASTER
 from fusedopt.tensors import describe
 
 
@@ -107,16 +108,22 @@ class StateOfBucket:
     ``states[k]``: the state tensors of the k-th param, in the order the bucket's variant
     names them; ``scalars[k]``: its float32 0-dim scalar states in the algorithm's order;
     ``fresh[k]``: its "state created, not yet updated" flag (an int64 device scalar, or None).
-    Missing state is created at the spec's initial value, in the param's layout; existing
+    Missing state is created at the spec's initial value, in the param's layout and in the
+    dtype ``dtype_of(name)`` gives (the param's by default); a precision mode's ``extras``
+    start from the param (``master_param``, in fp32) or at zero (``kahan_comp``). Existing
     state is used as it is, the very tensor (torch updates that object, whatever its
     layout). What this step created is remembered (``created``) so that a step that fails
     before its update can forget it again.
     """
 
-    def __init__(self, opt, params: list[Tensor], groups: list[int], names: tuple[str, ...]):
+    def __init__(self, opt, params: list[Tensor], groups: list[int], names: tuple[str, ...],
+                 dtype_of: Callable[[str], torch.dtype] | None = None,
+                 extras: tuple[str, ...] = ()):
         self.opt = opt
         algorithm = opt.algorithm
         self.names = names
+        self.dtype_of = dtype_of
+        self.extras = extras
         self.created: list[tuple[dict, str]] = []
         self.states: list[list[Tensor]] = []
         self.scalars: list[list[Tensor]] = []
@@ -155,20 +162,26 @@ class StateOfBucket:
                 if d is not None and type(d) is not WatchedDict]
 
     def _tensors(self, p: Tensor, state: dict, group: dict) -> tuple[list[Tensor], bool]:
+        """The state tensors of ``p``, created where missing, and whether one of the
+        algorithm's was created (the precision mode's extras do not make a state fresh)."""
         fresh = False
         tensors = []
         for name in self.names:
             value = dict.get(state, name)
             if value is None:
+                dtype = self.dtype_of(name) if self.dtype_of is not None else p.dtype
                 init = self.opt._state_init(name, group)
                 shape = self.opt._state_shape(name, p)
-                if shape != p.shape:  # a factored state (Adafactor's row and column factors)
-                    value = torch.full(shape, init, dtype=p.dtype, device=p.device)
+                if name == MASTER:  # the param's value, in full precision
+                    value = p.detach().to(dtype, memory_format=torch.preserve_format, copy=True)
+                elif shape != p.shape:  # a factored state (Adafactor's row and column factors)
+                    value = torch.full(shape, init, dtype=dtype, device=p.device)
                 else:
                     value = (torch.full_like(p, complex(init, init) if p.is_complex() else init,
-                                             memory_format=torch.preserve_format) if init
-                             else torch.zeros_like(p, memory_format=torch.preserve_format))
-                fresh = True
+                                             dtype=dtype, memory_format=torch.preserve_format)
+                             if init else torch.zeros_like(p, dtype=dtype,
+                                                           memory_format=torch.preserve_format))
+                fresh = fresh or name not in self.extras
                 self.created.append((state, name))
                 state[name] = value
             tensors.append(value)  # (in its own layout: the triton runner copes, see there)
@@ -207,8 +220,10 @@ class StateOfBucket:
         self.created = []
 
 
-def check_existing_state(opt, p: Tensor, names: tuple[str, ...], owner: str, where: str) -> None:
-    """State a param already has must match it: dtype, shape, device, layout or not."""
+def check_existing_state(opt, p: Tensor, names: tuple[str, ...], owner: str, where: str,
+                         dtype_of: Callable[[str], torch.dtype] | None = None) -> None:
+    """State a param already has must match it: dtype (the param's, or ``dtype_of(name)``),
+    shape, device, layout or not."""
     state = opt.state.get(p, {})
     for name in names:
         value = dict.get(state, name)
@@ -218,12 +233,15 @@ def check_existing_state(opt, p: Tensor, names: tuple[str, ...], owner: str, whe
             raise ValueError(f"{owner}: state {name!r} of {where} is a "
                              f"{type(value).__name__}, not a tensor")
         shape = opt._state_shape(name, p)
-        if value.dtype != p.dtype or value.device != p.device or value.shape != shape:
+        dtype = dtype_of(name) if dtype_of is not None else p.dtype
+        if value.dtype != dtype or value.device != p.device or value.shape != shape:
             expected = "" if shape == p.shape else f" (so {name!r} has shape {tuple(shape)})"
+            kept = ("the parameter's dtype" if dtype == p.dtype else
+                    f"{dtype} (its precision options)")
             raise ValueError(
                 f"{owner}: state {name!r} is {describe(value)}, but its parameter ({where}) "
-                f"is {describe(p)}{expected}; fusedopt keeps state in the parameter's dtype "
-                "and device, shaped as torch.optim does (move the optimizer's state along "
-                "with the model)")
+                f"is {describe(p)}{expected}; fusedopt keeps state {name!r} in {kept} and on "
+                "the parameter's device, shaped as torch.optim does (move the optimizer's "
+                "state along with the model)")
         if value.layout != torch.strided:
             raise ValueError(f"{owner}: state {name!r} of {where} is a {value.layout} tensor")

@@ -62,8 +62,11 @@ def check_options(owner: str, twin: type, options: dict[str, Any],
                 f"torch.optim.{twin.__name__} for it, or leave it at its default {default!r}")
 
 
-def twin_constructor(twin: type) -> Callable[..., None]:
-    """``__init__`` for a twin of ``twin``: torch's signature plus keyword-only ``backend``.
+def twin_constructor(twin: type, extra_options: dict[str, Any] | None = None
+                     ) -> Callable[..., None]:
+    """``__init__`` for a twin of ``twin``: torch's signature plus keyword-only ``backend``
+    and ``extra_options`` (name: default; fusedopt's own group options, such as the precision
+    modes), which go into ``defaults`` and every param group as torch's options do.
 
     It binds the arguments as torch would (same ``TypeError`` for a wrong one), hands every
     option, defaults filled in, to ``self._before_torch_init(backend, options)`` (which checks
@@ -72,22 +75,28 @@ def twin_constructor(twin: type) -> Callable[..., None]:
     ``self._after_torch_init()``.
     """
     torch_signature = inspect.signature(twin.__init__)
+    extra_options = dict(extra_options or {})
 
     def __init__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
+        extra = {name: kwargs.pop(name, default) for name, default in extra_options.items()}
         try:
             bound = torch_signature.bind(self, *args, **kwargs)
         except TypeError as e:
             raise TypeError(f"{type(self).__name__}.__init__() {e}") from None
         options = {name: bound.arguments.get(name, parameter.default)
                    for name, parameter in torch_arguments(twin).items()}
-        self._before_torch_init(backend, options)
+        self._before_torch_init(backend, {**options, **extra})
         twin.__init__(*bound.args, **bound.kwargs)
+        self._adopt_options(extra)
         self._after_torch_init()
 
-    backend_argument = inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY,
-                                         default=None, annotation="str | None")
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    added = [inspect.Parameter(name, keyword, default=default)
+             for name, default in extra_options.items()]
+    backend_argument = inspect.Parameter("backend", keyword, default=None,
+                                         annotation="str | None")
     __init__.__signature__ = torch_signature.replace(
-        parameters=[*torch_signature.parameters.values(), backend_argument])
+        parameters=[*torch_signature.parameters.values(), *added, backend_argument])
     __init__.__doc__ = (f"The arguments of torch.optim.{twin.__name__} in the installed torch, "
                         "plus ``backend`` (\"auto\", \"triton\" or \"reference\"; default: "
                         "$FUSEDOPT_BACKEND, else \"auto\").")

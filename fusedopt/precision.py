@@ -1,0 +1,120 @@
+"""The precision options of the element-wise optimizers: what they mean for each param, and
+checkpoints in torch.optim's full-precision format.
+
+Every optimizer whose update is element-wise (the skeleton's: SGD, Adam, AdamW, Adagrad,
+Adadelta, RMSprop, NAdam, RAdam, Adamax, Rprop, ASGD, Lion, LAMB) takes four keyword-only
+options, kept in each param group like torch's own options (so groups can differ):
+
+* ``master_weights=True``: a bf16/fp16 param gets an fp32 copy, ``state["master_param"]``,
+  which the update reads and writes; the param is stored as its round-to-nearest-even value
+  in the same launch. (A param changed by the user since the last step, so that it no longer
+  is the master's rounding, is taken as it is: the master follows it.)
+* ``stochastic_rounding=True``: a bf16 param is updated in fp32 and rounded to bf16
+  stochastically, with Philox random bits from a seed drawn from torch's generator and a
+  launch count kept on the device (capturable, reproducible from ``torch.manual_seed``).
+* ``kahan_summation=True``: a bf16/fp16 param gets a compensation ``state["kahan_comp"]`` of its
+  dtype; param + compensation is the value the update reads, and keeps what rounding the param
+  loses.
+* ``state_dtype``: the dtype of the algorithm's states (``torch.bfloat16``, ``torch.float16``
+  or ``torch.float32``); by default the dtype the update works on (fp32 with master weights,
+  else the param's, as torch.optim).
+
+The first three apply to low-precision params only: fp32/fp64 params in the same group are
+updated as usual. They exclude each other (each is another way of keeping the param's lost
+bits). Whole-tensor and sparse updates (Adafactor, Muon, SparseAdam) and L-BFGS do not take
+them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fusedopt.kernels.variant import KAHAN, MASTER, Precision
+
+#: The options and their defaults.
+OPTIONS = {"master_weights": False, "stochastic_rounding": False, "kahan_summation": False,
+           "state_dtype": None}
+STATE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+EXTRAS = (MASTER, KAHAN)
+
+
+def check_options(owner: str, group: dict[str, Any]) -> None:
+    """ValueError for a precision option of the wrong type, or options that exclude each
+    other; NotImplementedError for 8-bit states."""
+    for name in ("master_weights", "stochastic_rounding", "kahan_summation"):
+        if not isinstance(group.get(name, False), bool):
+            raise ValueError(f"{owner}: {name} must be True or False, not "
+                             f"{group[name]!r}")
+    chosen = [n for n in ("master_weights", "stochastic_rounding", "kahan_summation")
+              if group.get(n, False)]
+    if len(chosen) > 1:
+        raise ValueError(f"{owner}: {' and '.join(chosen)} exclude each other (each keeps the "
+                         "bits a low-precision param loses in its own way); choose one")
+    state_dtype = group.get("state_dtype")
+    if isinstance(state_dtype, str) and state_dtype.lower() in ("8bit", "int8", "uint8"):
+        raise NotImplementedError(f"{owner}: state_dtype='8bit' (block-wise quantized states) "
+                                  "is not implemented yet; use torch.bfloat16")
+    if state_dtype is not None and state_dtype not in STATE_DTYPES:
+        raise ValueError(f"{owner}: state_dtype must be None, torch.bfloat16, torch.float16 "
+                         f"or torch.float32, not {state_dtype!r}")
+
+
+def precision_of(group: dict[str, Any], p: Tensor, owner: str) -> Precision:
+    """What a param of ``group`` gets: its :class:`Precision`, normalised (a state_dtype that
+    is the default one is None), so that params treated alike share a bucket."""
+    dtype = p.dtype
+    low = dtype in LOW_PRECISION
+    write = ("master" if group.get("master_weights") and low else
+             "stochastic" if group.get("stochastic_rounding") and low else
+             "kahan" if group.get("kahan_summation") and low else "nearest")
+    state_dtype = group.get("state_dtype")
+    if write == "stochastic" and dtype != torch.bfloat16:
+        raise NotImplementedError(f"{owner}: stochastic_rounding rounds to bfloat16; a float16 "
+                                  "parameter can take master_weights or kahan_summation")
+    if state_dtype is not None and p.is_complex():
+        raise NotImplementedError(f"{owner}: state_dtype with complex parameters")
+    default = torch.float32 if write == "master" else dtype
+    if state_dtype == default:
+        state_dtype = None
+    return Precision(state_dtype, write)
+
+
+def torch_state_dict(state_dict: dict[str, Any], dtype: torch.dtype = torch.float32
+                     ) -> dict[str, Any]:
+    """A fusedopt state_dict in torch.optim's format, for checkpoints that leave fusedopt:
+    every floating-point state tensor in ``dtype`` (float32 by default; states kept in bf16
+    are widened), the precision modes' own states (``master_param``, ``kahan_comp``) and
+    options left out. The result loads into the torch.optim twin (which casts the states to
+    its params' dtype) and into a fusedopt optimizer without precision options.
+
+    The master weights are the model's full-precision values: to leave fusedopt with them,
+    copy each ``state["master_param"]`` into a float32 model (:func:`master_params`)."""
+    state = {}
+    for key, values in state_dict["state"].items():
+        state[key] = {name: (value.to(dtype) if isinstance(value, Tensor)
+                             and value.is_floating_point() and name != "step" else value)
+                      for name, value in values.items() if name not in EXTRAS}
+    groups = [{k: v for k, v in group.items() if k not in OPTIONS}
+              for group in state_dict["param_groups"]]
+    return {**{k: v for k, v in state_dict.items() if k not in ("state", "param_groups")},
+            "state": state, "param_groups": groups}
+
+
+def master_params(optimizer) -> list[Tensor]:
+    """Each param's full-precision value, in param-group order: its fp32 master copy where it
+    has one, its Kahan pair summed in fp32 where it has one, else the param itself."""
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if isinstance(state.get(MASTER), Tensor):
+                out.append(state[MASTER])
+            elif isinstance(state.get(KAHAN), Tensor):
+                out.append(p.detach().float() + state[KAHAN].float())
+            else:
+                out.append(p.detach())
+    return out
