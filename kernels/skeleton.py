@@ -809,8 +809,9 @@ def launch(variant: Variant, *, tensors: torch.Tensor, num_tensors: int, work: t
     the step launch zeroes it again). ``grad_scale`` / ``found_inf``: AMP's float32 scalars on
     this device, and ``clip_coef`` a float32 scalar the grads are multiplied by; present
     exactly when ``variant`` says so. ``rng``: stochastic rounding's ``int64[3]`` device
-    tensor (seed, launch count, 0; see :func:`multi_tensor_step`). ``prepared``: a dict the caller keeps for its launches
-    (a bucket's): its :class:`Prepared` kernels skip the JIT's per-call binding.
+    tensor (seed, launch count, 0; see :func:`multi_tensor_step`). ``prepared``: a dict the
+    caller keeps for its launches (a bucket's): its :class:`Prepared` kernels skip the JIT's
+    per-call binding.
     """
     global _launches
     prepared = {} if prepared is None else prepared
