@@ -262,6 +262,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Unpickling, deepcopy or load_state_dict: torch's attributes; the caches restart."""
         super().__setstate__(state)  # also called by torch's load_state_dict, with 2 keys
         self.__dict__.setdefault("_backend_request", None)
+        if self.precision_modes:  # groups saved without them (torch's) keep this optimizer's
+            for group in self.param_groups:
+                for name, default in precision.OPTIONS.items():
+                    group.setdefault(name, self.defaults.get(name, default))
         self._buckets = None
         self._group_params = None
         self._record_engine()
@@ -271,6 +275,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         that ``torch.load(weights_only=True)`` and torch.optim read it)."""
         saved = super().state_dict()
         saved["state"] = {key: dict(value) for key, value in saved["state"].items()}
+        rounding = self.__dict__.get("_rounding")
+        if rounding:  # stochastic rounding's seed and launch count, to continue exactly
+            saved[precision.ROUNDING_KEY] = {device: t[:2].clone()
+                                             for device, t in rounding.items()}
         return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -280,7 +288,52 @@ class FusedOptimizer(torch.optim.Optimizer):
         ValueError before anything is changed.
         """
         self._check_loaded_state(state_dict)
+        kept = self._states_of_other_dtypes(state_dict)
         super().load_state_dict(state_dict)  # ends in __setstate__, which restarts the caches
+        self._states_in_their_dtypes(state_dict["param_groups"], kept)
+        rounding = state_dict.get(precision.ROUNDING_KEY)
+        if rounding is not None:
+            self._rounding = {device: torch.cat([t.to(torch.int64), t.new_zeros(1)])
+                              .to(device) for device, t in rounding.items()}
+
+    def _states_of_other_dtypes(self, state_dict: dict) -> dict[tuple[int, str], Tensor]:
+        """The saved state tensors whose dtype is not their param's (a precision mode's),
+        which torch's loader would cast to the param's dtype, losing bits: set aside."""
+        kept = {}
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            return kept  # torch's loader raises its error
+        for saved, group in zip(saved_groups, self.param_groups):
+            for param_id, p in zip(saved["params"], group["params"]):
+                for name, value in (state_dict["state"].get(param_id) or {}).items():
+                    if (name not in self.algorithm.scalars and isinstance(value, Tensor)
+                            and value.is_floating_point() and value.dtype != p.dtype):
+                        kept[param_id, name] = value
+        return kept
+
+    def _states_in_their_dtypes(self, saved_groups: list[dict],
+                                kept: dict[tuple[int, str], Tensor]) -> None:
+        """After torch's loader: each state tensor in the dtype this optimizer keeps it in
+        (the precision mode's; the param's otherwise), from the saved value itself where torch
+        cast it."""
+        for saved, group in zip(saved_groups, self.param_groups):
+            flags = self._group_flags(group)
+            for param_id, p in zip(saved["params"], group["params"]):
+                state = self.state.get(p)
+                if not state:
+                    continue
+                try:
+                    mode = self._precision(group, p)
+                except (NotImplementedError, ValueError):
+                    continue  # the step raises it
+                variant = Variant(self.algorithm, self._variant_states(flags, self._param_kind(p)),
+                                  tuple(flags.values()), real_dtype(p), precision=mode)
+                for name in variant.tensors:
+                    value = kept.get((param_id, name), dict.get(state, name))
+                    if isinstance(value, Tensor) and value.dtype != variant.dtype_of(name):
+                        state[name] = value.to(device=p.device, dtype=variant.dtype_of(name))
+                    elif value is not dict.get(state, name):
+                        state[name] = value.to(device=p.device)
 
     def _completed_as_torch_would(self, saved_group: dict) -> dict:
         """A saved param group with the keys an older torch did not save filled in by the

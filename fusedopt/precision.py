@@ -40,6 +40,8 @@ OPTIONS = {"master_weights": False, "stochastic_rounding": False, "kahan_summati
 STATE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 EXTRAS = (MASTER, KAHAN)
+#: The state_dict key of stochastic rounding's seed and launch count (per device).
+ROUNDING_KEY = "fusedopt_stochastic_rounding"
 
 
 def check_options(owner: str, group: dict[str, Any]) -> None:
@@ -100,8 +102,9 @@ def torch_state_dict(state_dict: dict[str, Any], dtype: torch.dtype = torch.floa
                       for name, value in values.items() if name not in EXTRAS}
     groups = [{k: v for k, v in group.items() if k not in OPTIONS}
               for group in state_dict["param_groups"]]
-    return {**{k: v for k, v in state_dict.items() if k not in ("state", "param_groups")},
-            "state": state, "param_groups": groups}
+    others = {k: v for k, v in state_dict.items()
+              if k not in ("state", "param_groups", ROUNDING_KEY)}
+    return {**others, "state": state, "param_groups": groups}
 
 
 def master_params(optimizer) -> list[Tensor]:
