@@ -24,9 +24,10 @@ from fusedopt.optimizers import (
     Rprop,
     SparseAdam,
 )
+from fusedopt.precision import master_params, torch_state_dict
 
 __version__ = "0.1.0"
 
 __all__ = ["Adam", "AdamW", "SGD", "Adagrad", "Adadelta", "RMSprop", "NAdam", "RAdam", "Adamax",
            "Rprop", "ASGD", "Adafactor", "Muon", "SparseAdam", "Lion", "LAMB", "LBFGS",
-           "FusedOptimizer", "BACKENDS", "resolve_backend"]
+           "FusedOptimizer", "BACKENDS", "resolve_backend", "torch_state_dict", "master_params"]

@@ -203,11 +203,18 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _adopt_options(self, options: dict[str, Any]) -> None:
         """fusedopt's own group options (``options``: name -> value given to the constructor)
-        become defaults, and every group's, as torch's options are."""
+        become defaults, and every group's, as torch's options are; those left at their
+        default are not written anywhere, so that ``defaults``, the groups and state_dicts are
+        exactly torch's unless an option is used."""
+        options = {name: value for name, value in options.items()
+                   if value != precision.OPTIONS.get(name, value)}
         self.defaults.update(options)
         for group in self.param_groups:
             for name, value in options.items():
                 group.setdefault(name, value)
+        # state torch's constructor made (Adagrad's sum) in another dtype than the precision
+        # mode keeps it in: made again at the first step, from its initial value
+        self._states_in_their_dtypes(remake=True)
 
     def _precision(self, group: dict, p: Tensor) -> Precision:
         """The precision mode of ``p`` in ``group``."""
@@ -264,8 +271,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_backend_request", None)
         if self.precision_modes:  # groups saved without them (torch's) keep this optimizer's
             for group in self.param_groups:
-                for name, default in precision.OPTIONS.items():
-                    group.setdefault(name, self.defaults.get(name, default))
+                for name in precision.OPTIONS:
+                    if name in self.defaults:
+                        group.setdefault(name, self.defaults[name])
         self._buckets = None
         self._group_params = None
         self._record_engine()
@@ -290,35 +298,40 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._check_loaded_state(state_dict)
         kept = self._states_of_other_dtypes(state_dict)
         super().load_state_dict(state_dict)  # ends in __setstate__, which restarts the caches
-        self._states_in_their_dtypes(state_dict["param_groups"], kept)
+        self._states_in_their_dtypes(kept)
         rounding = state_dict.get(precision.ROUNDING_KEY)
         if rounding is not None:
             self._rounding = {device: torch.cat([t.to(torch.int64), t.new_zeros(1)])
                               .to(device) for device, t in rounding.items()}
 
-    def _states_of_other_dtypes(self, state_dict: dict) -> dict[tuple[int, str], Tensor]:
-        """The saved state tensors whose dtype is not their param's (a precision mode's),
-        which torch's loader would cast to the param's dtype, losing bits: set aside."""
+    def _states_of_other_dtypes(self, state_dict: dict) -> dict[tuple[int, int, str], Tensor]:
+        """The saved state tensors whose dtype is not their param's (a precision mode's, and
+        the float32 scalar states of low-precision params: NAdam's ``mu_product``), which
+        torch's loader would cast to the param's dtype, losing bits: set aside, by (group,
+        position in the group, name)."""
         kept = {}
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             return kept  # torch's loader raises its error
-        for saved, group in zip(saved_groups, self.param_groups):
-            for param_id, p in zip(saved["params"], group["params"]):
+        for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            for i, (param_id, p) in enumerate(zip(saved["params"], group["params"])):
                 for name, value in (state_dict["state"].get(param_id) or {}).items():
-                    if (name not in self.algorithm.scalars and isinstance(value, Tensor)
+                    if (name != "step" and isinstance(value, Tensor)
                             and value.is_floating_point() and value.dtype != p.dtype):
-                        kept[param_id, name] = value
+                        kept[g, i, name] = value
         return kept
 
-    def _states_in_their_dtypes(self, saved_groups: list[dict],
-                                kept: dict[tuple[int, str], Tensor]) -> None:
-        """After torch's loader: each state tensor in the dtype this optimizer keeps it in
-        (the precision mode's; the param's otherwise), from the saved value itself where torch
-        cast it."""
-        for saved, group in zip(saved_groups, self.param_groups):
+    def _states_in_their_dtypes(self, kept: dict[tuple[int, int, str], Tensor] | None = None,
+                                remake: bool = False) -> None:
+        """Each state tensor in the dtype this optimizer keeps it in (its precision mode's;
+        the param's otherwise): after torch's loader (from the saved value itself where torch
+        cast it, ``kept``), when a group's precision options change, and after torch's
+        constructor (Adagrad makes its state there; ``remake``: such a state is dropped, and
+        made again in its dtype at the first step, not cast from the param's)."""
+        kept = kept or {}
+        for g, group in enumerate(self.param_groups):
             flags = self._group_flags(group)
-            for param_id, p in zip(saved["params"], group["params"]):
+            for i, p in enumerate(group["params"]):
                 state = self.state.get(p)
                 if not state:
                     continue
@@ -326,11 +339,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                     mode = self._precision(group, p)
                 except (NotImplementedError, ValueError):
                     continue  # the step raises it
+                for name in self.algorithm.scalars:  # (the step puts them on their device)
+                    if (g, i, name) in kept:
+                        state[name] = kept[g, i, name]
                 variant = Variant(self.algorithm, self._variant_states(flags, self._param_kind(p)),
                                   tuple(flags.values()), real_dtype(p), precision=mode)
                 for name in variant.tensors:
-                    value = kept.get((param_id, name), dict.get(state, name))
+                    value = kept.get((g, i, name), dict.get(state, name))
                     if isinstance(value, Tensor) and value.dtype != variant.dtype_of(name):
+                        if remake:
+                            del state[name]
+                            continue
                         state[name] = value.to(device=p.device, dtype=variant.dtype_of(name))
                     elif value is not dict.get(state, name):
                         state[name] = value.to(device=p.device)
@@ -429,6 +448,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 or self.state.changes[0] != self._seen_state_changes
                 or not self._same_groups(flags)
                 or self._precision_options() != self._group_precision_seen):
+            if (self._buckets is not None
+                    and self._precision_options() != self._group_precision_seen):
+                self._states_in_their_dtypes()  # a group's precision options changed
             self._buckets = self._make_buckets(flags)
         clip_coef = self._pending_clip_coefficient()  # raises if the grads changed under it
         try:

@@ -537,8 +537,9 @@ class Lion(FusedOptimizer):
         self._before_torch_init(backend, options)
         _check_common(lr, betas, weight_decay)
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay,
-                    "maximize": maximize, **options}
+                    "maximize": maximize}
         super().__init__(params, defaults)
+        self._adopt_options(options)
         self._after_torch_init()
 
     def _hyperparams(self, group: dict) -> dict[str, float]:
@@ -588,8 +589,9 @@ class LAMB(FusedOptimizer):
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
-                    "bias_correction": bias_correction, "maximize": maximize, **options}
+                    "bias_correction": bias_correction, "maximize": maximize}
         super().__init__(params, defaults)
+        self._adopt_options(options)
         self._after_torch_init()
 
     def _hyperparams(self, group: dict) -> dict[str, float]:

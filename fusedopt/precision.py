@@ -88,18 +88,23 @@ def precision_of(group: dict[str, Any], p: Tensor, owner: str) -> Precision:
 def torch_state_dict(state_dict: dict[str, Any], dtype: torch.dtype = torch.float32
                      ) -> dict[str, Any]:
     """A fusedopt state_dict in torch.optim's format, for checkpoints that leave fusedopt:
-    every floating-point state tensor in ``dtype`` (float32 by default; states kept in bf16
-    are widened), the precision modes' own states (``master_param``, ``kahan_comp``) and
+    every floating-point state tensor copied in ``dtype`` (float32 by default; states kept in
+    bf16 are widened), the precision modes' own states (``master_param``, ``kahan_comp``) and
     options left out. The result loads into the torch.optim twin (which casts the states to
     its params' dtype) and into a fusedopt optimizer without precision options.
 
     The master weights are the model's full-precision values: to leave fusedopt with them,
     copy each ``state["master_param"]`` into a float32 model (:func:`master_params`)."""
-    state = {}
-    for key, values in state_dict["state"].items():
-        state[key] = {name: (value.to(dtype) if isinstance(value, Tensor)
-                             and value.is_floating_point() and name != "step" else value)
-                      for name, value in values.items() if name not in EXTRAS}
+    def converted(name: str, value: Any) -> Any:
+        if not isinstance(value, Tensor):
+            return value
+        if value.is_floating_point() and value.dim():  # a state tensor (not a scalar state)
+            return value.to(dtype, copy=True)
+        return value.clone()  # (a copy: nothing is shared with the live optimizer)
+
+    state = {key: {name: converted(name, value) for name, value in values.items()
+                   if name not in EXTRAS}
+             for key, values in state_dict["state"].items()}
     groups = [{k: v for k, v in group.items() if k not in OPTIONS}
               for group in state_dict["param_groups"]]
     others = {k: v for k, v in state_dict.items()

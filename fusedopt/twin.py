@@ -87,7 +87,8 @@ def twin_constructor(twin: type, extra_options: dict[str, Any] | None = None
                    for name, parameter in torch_arguments(twin).items()}
         self._before_torch_init(backend, {**options, **extra})
         twin.__init__(*bound.args, **bound.kwargs)
-        self._adopt_options(extra)
+        if extra_options:
+            self._adopt_options(extra)
         self._after_torch_init()
 
     keyword = inspect.Parameter.KEYWORD_ONLY

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fusedopt
+from fusedopt import precision
 from fusedopt.twin import ENGINE_OPTIONS, torch_arguments, torch_twin
 
 TWINS = [getattr(fusedopt, name) for name in fusedopt.__all__
@@ -31,11 +32,16 @@ def test_the_twins_are_found():
 
 @pytest.mark.parametrize("ours", TWINS, ids=IDS)
 def test_signature_is_the_installed_torchs_plus_backend(ours):
+    """torch's arguments, then (element-wise optimizers) the keyword-only precision options
+    (fusedopt.precision), then ``backend``."""
     theirs = torch_twin(ours)
     described = [(p.name, p.kind, p.default) for p in inspect.signature(ours).parameters.values()]
     expected = [(p.name, p.kind, p.default)
                 for p in inspect.signature(theirs).parameters.values()]
-    assert described == expected + [("backend", inspect.Parameter.KEYWORD_ONLY, None)]
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    added = ([(name, keyword, default) for name, default in precision.OPTIONS.items()]
+             if getattr(ours, "precision_modes", False) else [])
+    assert described == expected + added + [("backend", keyword, None)]
 
 
 @pytest.mark.parametrize("ours", TWINS, ids=IDS)

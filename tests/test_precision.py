@@ -1,0 +1,543 @@
+"""The precision options (fusedopt.precision): master weights, stochastic rounding, Kahan
+summation and low-precision states, on every element-wise optimizer.
+
+Three kinds of checks, as for the plain optimizers:
+
+1. the reference path against torch-derived expectations: with master weights the masters
+   follow torch.optim's fp32 trajectory and the param is the master's rounding; Kahan's pair
+   tracks it too; stochastic rounding is unbiased; bf16 states are torch's fp32 states rounded;
+2. the real kernels (under the interpreter on a CPU) against the reference, every optimizer
+   in every mode;
+3. the training integration: AMP's skip, capturable, state_dict round trips (continuing
+   exactly), checkpoints to and from torch.optim, and the errors.
+"""
+
+import copy
+
+import pytest
+import torch
+from cases import CASE_BY_ID, ONE_PER_OPTIMIZER, fresh_grads, make_params
+
+import fusedopt
+from fusedopt import kernels, precision
+
+MODES = {
+    "master": {"master_weights": True},
+    "stochastic": {"stochastic_rounding": True},
+    "kahan": {"kahan_summation": True},
+    "bf16-states": {"state_dtype": torch.bfloat16},
+}
+# small sizes for the interpreter: an element, odd sizes, an empty tensor, and one longer than
+# a bf16 chunk (8192 elements: the unmasked aligned path, then a tail)
+SHAPES = (((1,), (8195,), (0,)), ((3,), (33, 17)), ((1023,),))
+
+
+def _flat(groups):
+    return [p for group in groups for p in group]
+
+
+def _param_dtype(mode: str) -> torch.dtype:
+    """The param dtype a mode is for: bf16 states are tried on fp32 params (the usual use)."""
+    return torch.float32 if mode == "bf16-states" else torch.bfloat16
+
+
+def _make(case, params, backend: str, **options):
+    return case.make(case.fused_cls, params, backend=backend, **options)
+
+
+def _grads(params, step):
+    """Fresh random grads in the params' dtype (bf16 grads are exact in fp32, so a torch
+    run in fp32 sees the same values)."""
+    return fresh_grads(params, step)
+
+
+def _set(params, grads, dtype=None):
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.detach().clone().to(dtype or p.dtype)
+
+
+def _ulp_close(actual: torch.Tensor, expected: torch.Tensor, where: str,
+               exact_fraction: float = 0.99) -> None:
+    """Low-precision values computed from float32 values that may differ in their last bits
+    (two implementations): at most one ulp apart, and nearly all equal."""
+    a, e = actual.detach().float().reshape(-1), expected.detach().float().reshape(-1)
+    if not e.numel():
+        return
+    mantissa = 7 if actual.dtype == torch.bfloat16 else 10
+    ulp = torch.ldexp(torch.ones_like(e), torch.frexp(e).exponent - 1 - mantissa)
+    ulp = torch.where(e == 0, torch.full_like(e, 1e-30), ulp)
+    assert bool(((a - e).abs() <= ulp * 1.0001).all()), f"{where}: more than an ulp apart"
+    assert (a == e).float().mean().item() >= exact_fraction, f"{where}: too many differ"
+
+
+# ---- 1. the reference against torch-derived expectations -----------------------------------
+
+
+def _fp32_twin(case, params):
+    """The fp32 trajectory to follow: torch.optim's; for Lion and LAMB (not in torch.optim),
+    fusedopt's own reference in fp32 (itself tested against the papers' algorithms: a sign
+    taken of a value next to 0 flips between two fp32 implementations)."""
+    if case.torch_cls.__module__.startswith("torch.optim"):
+        return case.make_torch(params)
+    return case.make_fused(params, "reference")
+
+
+@pytest.mark.parametrize("case_id", ONE_PER_OPTIMIZER)
+def test_master_weights_follow_torch_fp32(case_id):
+    """bf16 params with master weights: the masters follow torch.optim's fp32 trajectory on
+    the same grads, and each param is its master rounded to nearest even, exactly."""
+    case = CASE_BY_ID[case_id]
+    params = make_params(SHAPES, torch.bfloat16)
+    opt = _make(case, params, "reference", master_weights=True)
+    fp32 = [[p.detach().float().requires_grad_() for p in group] for group in params]
+    twin = _fp32_twin(case, fp32)
+    ours, theirs = _flat(params), _flat(fp32)
+    for step in range(6):
+        grads = _grads(ours, step)
+        _set(ours, grads)
+        _set(theirs, grads, torch.float32)
+        opt.step()
+        twin.step()
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            state = opt.state.get(p, {})
+            if "master_param" not in state:
+                assert float(twin.state.get(q, {}).get("step", 0)) == 0  # not stepped yet
+                continue
+            master = state["master_param"]
+            assert master.dtype == torch.float32
+            torch.testing.assert_close(master, q.detach(), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, i=i, s=step: f"step {s} param {i}: {m}")
+            assert torch.equal(p.detach(), master.to(torch.bfloat16))
+            for name, value in twin.state[q].items():
+                if isinstance(value, torch.Tensor) and value.dim():
+                    assert state[name].dtype == torch.float32, name
+                    torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.float32], ids=["bf16-states", "fp32-states"])
+@pytest.mark.parametrize("case_id", ["adamw-default", "sgd-momentum-dampening-wd",
+                                     "lion-wd-maximize"])
+def test_kahan_pair_tracks_fp32(case_id, state_dtype):
+    """bf16 params with Kahan summation, 60 steps: with fp32 states, param + compensation
+    stays within a small fraction of a bf16 rounding of the fp32 trajectory, where plain bf16
+    params (torch's bf16 run) drift away by many roundings; with bf16 states (the default,
+    whose own roundings then dominate) it still stays closer than plain bf16."""
+    case = CASE_BY_ID[case_id]
+    shapes = (((4000,),),)
+    params = make_params(shapes, torch.bfloat16)
+    plain = [[p.detach().clone().requires_grad_() for p in g] for g in params]
+    fp32 = [[p.detach().float().requires_grad_() for p in g] for g in params]
+    opt = _make(case, params, "reference", kahan_summation=True, state_dtype=state_dtype)
+    bf16_twin, fp32_twin = case.make_torch(plain), _fp32_twin(case, fp32)
+    (p,), (b,), (q,) = _flat(params), _flat(plain), _flat(fp32)
+    for step in range(60):
+        grads = _grads([p], step)
+        for param in (p, b):
+            _set([param], grads)
+        _set([q], grads, torch.float32)
+        for o in (opt, bf16_twin, fp32_twin):
+            o.step()
+    comp = opt.state[p]["kahan_comp"]
+    assert comp.dtype == torch.bfloat16
+    pair_error = (p.float() + comp.float() - q).abs().max().item()
+    plain_error = (b.float() - q).abs().max().item()
+    rounding = (q.abs().max() * 2 ** -8).item()  # half a bf16 ulp of the largest param
+    if state_dtype == torch.float32:  # measured: 1/20 (Lion's signs) to 1/150 of a rounding
+        assert pair_error < rounding / 10, (pair_error, rounding)
+        assert pair_error < plain_error / 20, (pair_error, plain_error)
+    else:  # measured: 3.4x (SGD's bf16 momentum) to 120x closer than plain bf16
+        assert pair_error < plain_error / 2, (pair_error, plain_error)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_stochastic_rounding_is_unbiased(backend, request):
+    """20000 bf16 params at 1.0, SGD steps of 1e-3 (a quarter of a bf16 ulp below 1): round to
+    nearest would never move them; stochastic rounding moves their mean by the step."""
+    if backend == "triton":
+        request.getfixturevalue("kernel_device")
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.ones(20000, dtype=torch.bfloat16))
+    opt = fusedopt.SGD([p], lr=1e-3, stochastic_rounding=True, backend=backend)
+    values = set()
+    for step in range(3):
+        before = p.detach().float().mean().item()
+        p.grad = torch.ones_like(p)
+        opt.step()
+        moved = before - p.detach().float().mean().item()
+        # one rounding of 1 - 1e-3 (or of what came before): its standard deviation is at most
+        # half an ulp (2**-9) / sqrt(20000) = 1.4e-5
+        assert abs(moved - 1e-3) < 7e-5, (step, moved)
+        values |= set(p.detach().float().unique().tolist())
+    assert len(values) > 2  # the elements went different ways
+
+
+def test_stochastic_rounding_reproducible_and_kernel_bits_are_the_reference():
+    """The same torch.manual_seed gives the same run; another gives another. The kernels'
+    Philox bits are the reference's: SGD's fp32 update is the same on both paths, and the
+    stochastically rounded params are bit for bit equal."""
+
+    def run(seed, backend):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(n, generator=gen).bfloat16())
+                  for n in (5, 8195, 300)]
+        opt = fusedopt.SGD(params, lr=3e-3, stochastic_rounding=True, backend=backend)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    a, b, c = run(1, "reference"), run(1, "reference"), run(2, "reference")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    if kernels_runnable():
+        k = run(1, "triton")
+        assert all(torch.equal(x, y) for x, y in zip(a, k))
+
+
+def kernels_runnable() -> bool:
+    from conftest import KERNELS_RUNNABLE
+
+    return KERNELS_RUNNABLE
+
+
+@pytest.mark.parametrize("case_id", ["adam-amsgrad-wd", "rmsprop-momentum-centered-wd",
+                                     "adagrad-default"])
+def test_bf16_states_are_fp32_states_rounded(case_id):
+    """fp32 params with bf16 states: after a first step, the param is torch's fp32 step and
+    each state is torch's fp32 state rounded to bf16; later steps stay close to torch's."""
+    case = CASE_BY_ID[case_id]
+    shapes = (((3000,),),)
+    params = make_params(shapes, torch.float32)
+    twin_params = [[p.detach().clone().requires_grad_() for p in g] for g in params]
+    opt = _make(case, params, "reference", state_dtype=torch.bfloat16)
+    twin = case.make_torch(twin_params)
+    (p,), (q,) = _flat(params), _flat(twin_params)
+    for step in range(8):
+        grads = _grads([p], step)
+        _set([p], grads)
+        _set([q], grads)
+        opt.step()
+        twin.step()
+        if step == 0:
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+            for name, value in twin.state[q].items():
+                if isinstance(value, torch.Tensor) and value.dim():
+                    assert opt.state[p][name].dtype == torch.bfloat16
+                    _ulp_close(opt.state[p][name], value.to(torch.bfloat16), name)
+    torch.testing.assert_close(p, q, rtol=0.02, atol=0.02 * q.abs().max().item())
+
+
+def test_master_follows_a_param_the_user_changed():
+    """A param written by the user between steps (a reload of the model's weights) is what the
+    next update starts from: the master does not silently overwrite it."""
+    gen = torch.Generator().manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(500, generator=gen).bfloat16())
+    opt = fusedopt.AdamW([p], lr=1e-2, master_weights=True, backend="reference")
+    p.grad = torch.randn(500, generator=gen).bfloat16()
+    opt.step()
+    new = torch.randn(500, generator=gen).bfloat16()
+    p.data.copy_(new)
+    q = torch.nn.Parameter(new.float())
+    twin = torch.optim.AdamW([q], lr=1e-2)
+    twin.load_state_dict(precision.torch_state_dict(opt.state_dict()))
+    g = torch.randn(500, generator=gen).bfloat16()
+    p.grad, q.grad = g, g.float()
+    opt.step()
+    twin.step()
+    torch.testing.assert_close(opt.state[p]["master_param"], q.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ---- 2. the kernels against the reference -------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("case_id", ONE_PER_OPTIMIZER)
+def test_kernel_matches_reference(case_id, mode, kernel_device):
+    case = CASE_BY_ID[case_id]
+    dtype = _param_dtype(mode)
+    ours = make_params(SHAPES, dtype, device=kernel_device)
+    theirs = [[p.detach().clone().requires_grad_() for p in g] for g in ours]
+    torch.manual_seed(7)
+    opt = _make(case, ours, "triton", **MODES[mode])
+    torch.manual_seed(7)
+    ref = _make(case, theirs, "reference", **MODES[mode])
+    a, b = _flat(ours), _flat(theirs)
+    launches = kernels.launch_count()
+    steps = 3
+    for step in range(steps):
+        grads = _grads(a, step)
+        _set(a, grads)
+        _set(b, grads)
+        opt.step()
+        ref.step()
+    assert kernels.launch_count() - launches == steps * len(opt._buckets) * opt.launches_per_step
+    assert len(opt._buckets) == 1  # every param of the one dtype: one launch per step
+    for i, (p, q) in enumerate(zip(a, b)):
+        where = f"{case_id} {mode} param {i}"
+        sp, sq = opt.state.get(p, {}), ref.state.get(q, {})
+        assert list(sp) == list(sq), where
+        if mode == "kahan":  # the pair's sum: a last-bit difference moves bits between the two
+            if "kahan_comp" in sp:
+                torch.testing.assert_close(p.float() + sp["kahan_comp"].float(),
+                                           q.float() + sq["kahan_comp"].float(), rtol=1e-5,
+                                           atol=1e-6 * max(q.abs().max().item(), 1e-30))
+        elif p.dtype == torch.float32:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        else:
+            _ulp_close(p.cpu(), q, where)
+        for name in sp:
+            x, y = sp[name], sq[name]
+            if name == "step":
+                assert float(x) == float(y), where
+            elif name == "kahan_comp":
+                continue
+            elif x.dtype == torch.float32 and x.dim():
+                scale = max(y.abs().max().item(), 1e-30) if y.numel() else 1.0
+                torch.testing.assert_close(x.cpu(), y, rtol=1e-5, atol=1e-6 * scale,
+                                           msg=lambda m, w=f"{where} {name}": f"{w}: {m}")
+            elif x.dim():
+                _ulp_close(x.cpu(), y, f"{where} {name}", exact_fraction=0.98)
+            else:
+                torch.testing.assert_close(x.cpu(), y, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["master", "bf16-states"])
+def test_kernel_unaligned_views(mode, kernel_device):
+    """States of another width than the param take the aligned frame only where every
+    tensor is 16-byte aligned: params that are views at odd offsets take the element path,
+    with the same results."""
+    dtype = _param_dtype(mode)
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(9000, generator=gen).to(dtype).to(kernel_device)
+    results = []
+    for backend in ("triton", "reference"):
+        buffer = base.clone()  # params at odd offsets of a buffer
+        params = [torch.nn.Parameter(buffer[1:4500]), torch.nn.Parameter(buffer[4503:8999])]
+        opt = fusedopt.Adam(params, lr=1e-2, backend=backend, **MODES[mode])
+        g = torch.Generator().manual_seed(12)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(dtype).to(p.device)
+            opt.step()
+        results.append([p.detach().cpu() for p in params])
+    for x, y in zip(*results):
+        if dtype == torch.float32:
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+        else:
+            _ulp_close(x, y, "view")
+
+
+# ---- 3. training integration ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_amp_skip_changes_nothing(mode, kernel_device):
+    """A step GradScaler skips (found_inf) changes nothing: params, states, masters,
+    compensations, the rounding count; the next unskipped step unscales."""
+    dtype = _param_dtype(mode)
+    params = [torch.nn.Parameter(torch.randn(n, dtype=torch.float64).to(dtype)
+                                 .to(kernel_device)) for n in (7, 9000)]
+    opt = fusedopt.AdamW(params, lr=1e-2, backend="triton", **MODES[mode])
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin_opt = fusedopt.AdamW(twin, lr=1e-2, backend="triton", **MODES[mode])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (the rounding count too)
+    for q, p in zip(twin, params):
+        q.data.copy_(p.data)
+    before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
+    scale = torch.tensor(1024.0, device=kernel_device)
+    for p in params:
+        p.grad = torch.full_like(p, float("inf"))
+    opt.step(grad_scale=scale, found_inf=torch.ones((), device=kernel_device))
+    assert bool(opt.last_step_skipped)
+    after = opt.state_dict()
+    assert all(torch.equal(p, v) for p, v in zip(params, before[1]))
+    for k, state in before[0]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(after["state"][k][name], value), name
+    for key in before[0].get(precision.ROUNDING_KEY, {}):
+        assert torch.equal(after[precision.ROUNDING_KEY][key], before[0][
+            precision.ROUNDING_KEY][key])
+    # an unskipped scaled step is the unscaled one
+    for p, q in zip(params, twin):
+        g = torch.randn_like(p)
+        p.grad, q.grad = (g.float() * 1024).to(dtype), g
+    opt.step(grad_scale=scale, found_inf=torch.zeros((), device=kernel_device))
+    twin_opt.step()
+    for p, q in zip(params, twin):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_capturable_matches_eager(mode, kernel_device):
+    dtype = _param_dtype(mode)
+    results = []
+    for capturable in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n, dtype=torch.float64).to(dtype)
+                                     .to(kernel_device)) for n in (5, 8200)]
+        opt = fusedopt.Adam(params, lr=torch.tensor(1e-2, device=kernel_device),
+                            capturable=capturable, backend="triton", **MODES[mode])
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype).to(kernel_device)
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    assert all(torch.equal(x, y) for x, y in zip(*results))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_state_dict_round_trip_continues_exactly(mode, backend, request):
+    """Save after 2 steps, load into a new optimizer (made without the options: the
+    checkpoint's groups carry them, as torch's do), continue: the same as not stopping."""
+    if backend == "triton":
+        request.getfixturevalue("kernel_device")
+    device = "cuda" if torch.cuda.is_available() and backend == "triton" else "cpu"
+    dtype = _param_dtype(mode)
+    gen = torch.Generator().manual_seed(2)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype).to(device))
+              for n in (3, 5000)]
+    opt = fusedopt.NAdam(params, lr=1e-2, backend=backend, **MODES[mode])
+    grads = [[torch.randn(p.shape, generator=gen).to(dtype).to(device) for p in params]
+             for _ in range(4)]
+    for step in range(2):
+        for p, g in zip(params, grads[step]):
+            p.grad = g.clone()
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = fusedopt.NAdam(copies, lr=1e-2, backend=backend)
+    resumed.load_state_dict(saved)
+    for step in range(2, 4):
+        for p, q, g in zip(params, copies, grads[step]):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        resumed.step()
+    for p, q in zip(params, copies):
+        assert torch.equal(p, q)
+        for name, value in opt.state[p].items():
+            assert resumed.state[q][name].dtype == value.dtype, name
+            assert torch.equal(resumed.state[q][name], value), name
+
+
+def test_checkpoints_to_and_from_torch():
+    """torch_state_dict() loads into torch.optim (full-precision states, no extras); a torch
+    checkpoint loads into fusedopt with master weights (the masters start from the params,
+    the states are kept in fp32)."""
+    gen = torch.Generator().manual_seed(4)
+    p = torch.nn.Parameter(torch.randn(300, generator=gen).bfloat16())
+    opt = fusedopt.Adam([p], lr=1e-2, master_weights=True, backend="reference")
+    p.grad = torch.randn(300, generator=gen).bfloat16()
+    opt.step()
+    converted = precision.torch_state_dict(opt.state_dict())
+    assert set(converted["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert all(k not in converted["param_groups"][0] for k in precision.OPTIONS)
+    q = torch.nn.Parameter(opt.state[p]["master_param"].clone())
+    twin = torch.optim.Adam([q], lr=1e-2)
+    twin.load_state_dict(converted)
+    assert twin.state[q]["exp_avg"].dtype == torch.float32
+    # and back: a torch checkpoint of bf16 params into fusedopt with master weights
+    b = torch.nn.Parameter(torch.randn(300, generator=gen).bfloat16())
+    torch_opt = torch.optim.Adam([b], lr=1e-2)
+    b.grad = torch.randn(300, generator=gen).bfloat16()
+    torch_opt.step()
+    c = torch.nn.Parameter(b.detach().clone())
+    ours = fusedopt.Adam([c], lr=1e-2, master_weights=True, backend="reference")
+    ours.load_state_dict(torch_opt.state_dict())
+    assert ours.param_groups[0]["master_weights"] is True
+    assert ours.state[c]["exp_avg"].dtype == torch.float32
+    c.grad = torch.randn(300, generator=gen).bfloat16()
+    ours.step()
+    assert torch.equal(c.detach(), ours.state[c]["master_param"].to(torch.bfloat16))
+    assert fusedopt.master_params(ours)[0] is ours.state[c]["master_param"]
+
+
+def test_fp32_params_in_the_group_are_updated_as_usual(kernel_device):
+    """master_weights in a group of fp32 and bf16 params: the fp32 ones get no master (two
+    buckets, a launch each) and follow torch exactly."""
+    gen = torch.Generator().manual_seed(6)
+    w32 = torch.nn.Parameter(torch.randn(100, generator=gen).to(kernel_device))
+    w16 = torch.nn.Parameter(torch.randn(100, generator=gen).bfloat16().to(kernel_device))
+    opt = fusedopt.AdamW([w32, w16], lr=1e-2, master_weights=True, backend="triton")
+    ref = torch.nn.Parameter(w32.detach().clone())
+    twin = torch.optim.AdamW([ref], lr=1e-2)
+    for _ in range(2):
+        g = torch.randn(100, generator=gen).to(kernel_device)
+        w32.grad, ref.grad = g.clone(), g.clone()
+        w16.grad = g.bfloat16()
+        opt.step()
+        twin.step()
+    assert "master_param" not in opt.state[w32] and "master_param" in opt.state[w16]
+    torch.testing.assert_close(w32, ref, rtol=1e-6, atol=1e-7)
+    assert len(opt._buckets) == 2
+
+
+def test_errors_before_anything_changes():
+    p = torch.nn.Parameter(torch.randn(10).bfloat16())
+    with pytest.raises(ValueError, match="exclude each other"):
+        fusedopt.AdamW([p], master_weights=True, stochastic_rounding=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        fusedopt.SGD([p], lr=0.1, kahan_summation=True, master_weights=True)
+    with pytest.raises(NotImplementedError, match="8bit"):
+        fusedopt.Adam([p], state_dtype="8bit")
+    with pytest.raises(ValueError, match="state_dtype"):
+        fusedopt.Adam([p], state_dtype=torch.int8)
+    with pytest.raises(ValueError, match="True or False"):
+        fusedopt.Lion([p], master_weights="yes")
+    with pytest.raises(TypeError):
+        fusedopt.Adafactor([p], master_weights=True)
+    opt = fusedopt.Muon([torch.nn.Parameter(torch.randn(4, 4))])
+    with pytest.raises(NotImplementedError, match="master_weights"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(4, 4))],
+                             "master_weights": True})
+    # fp16 params cannot be rounded stochastically (to bf16): an error at the step
+    h = torch.nn.Parameter(torch.randn(10).half())
+    h.grad = torch.randn(10).half()
+    opt = fusedopt.SGD([h], lr=0.1, stochastic_rounding=True)
+    before = h.detach().clone()
+    with pytest.raises(NotImplementedError, match="bfloat16"):
+        opt.step()
+    assert torch.equal(h, before)
+    # a master replaced by hand with another dtype
+    opt = fusedopt.AdamW([p], master_weights=True, backend="reference")
+    p.grad = torch.randn(10).bfloat16()
+    opt.step()
+    opt.state[p]["master_param"] = opt.state[p]["master_param"].bfloat16()
+    before = p.detach().clone(), opt.state[p]["exp_avg"].clone()
+    with pytest.raises(ValueError, match="master_param"):
+        opt.step()
+    assert torch.equal(p, before[0]) and torch.equal(opt.state[p]["exp_avg"], before[1])
+    # sparse grads with a precision option
+    e = torch.nn.Parameter(torch.randn(6, 3).bfloat16())
+    opt = fusedopt.SGD([e], lr=0.1, master_weights=True, backend="reference")
+    e.grad = torch.sparse_coo_tensor([[1, 4]], torch.randn(2, 3), (6, 3)).bfloat16()
+    with pytest.raises(NotImplementedError, match="sparse"):
+        opt.step()
+
+
+def test_options_are_group_options():
+    """Kept in the defaults and every group, settable per group and changeable between
+    steps (the params regroup), as torch's options are; at their defaults, written nowhere
+    (defaults and state_dicts stay exactly torch's)."""
+    a = torch.nn.Parameter(torch.randn(50).bfloat16())
+    b = torch.nn.Parameter(torch.randn(50).bfloat16())
+    opt = fusedopt.Adam([{"params": [a]}, {"params": [b], "kahan_summation": True}],
+                        lr=1e-2, master_weights=False, backend="reference")
+    assert opt.defaults == torch.optim.Adam([a], lr=1e-2).defaults
+    assert opt.param_groups[1]["kahan_summation"] is True
+    assert "kahan_summation" not in opt.param_groups[0]
+    for p in (a, b):
+        p.grad = torch.randn(50).bfloat16()
+    opt.step()
+    assert "kahan_comp" in opt.state[b] and "kahan_comp" not in opt.state[a]
+    opt.param_groups[0]["master_weights"] = True
+    opt.step()
+    assert "master_param" in opt.state[a]
+    assert torch.equal(a.detach(), opt.state[a]["master_param"].bfloat16())
