@@ -208,6 +208,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         exactly torch's unless an option is used."""
         options = {name: value for name, value in options.items()
                    if value != precision.OPTIONS.get(name, value)}
+        if options.get("stochastic_rounding"):
+            self._rounding_seed()  # drawn now: reproducible from torch.manual_seed before
         self.defaults.update(options)
         for group in self.param_groups:
             for name, value in options.items():
@@ -705,15 +707,23 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _rounding_state(self, device: torch.device) -> Tensor:
         """Stochastic rounding's ``int64[3]`` device tensor for ``device``: (seed, launch
-        count, 0). The seed is drawn from torch's default generator the first time (so a run
-        is reproducible from ``torch.manual_seed``); the kernels advance the count on the
-        device. Saved in ``state_dict()`` (see :data:`precision.ROUNDING_KEY`)."""
+        count, 0). The seed is :meth:`_rounding_seed`, the same on every device (so that
+        replicas of a param, DDP's, round alike); the kernels advance the count on the device.
+        Saved in ``state_dict()`` (see :data:`precision.ROUNDING_KEY`)."""
         states = self.__dict__.setdefault("_rounding", {})
         key = str(device)
         if key not in states:
-            seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
-            states[key] = torch.tensor([seed, 0, 0], dtype=torch.int64, device=device)
+            states[key] = torch.tensor([self._rounding_seed(), 0, 0], dtype=torch.int64,
+                                       device=device)
         return states[key]
+
+    def _rounding_seed(self) -> int:
+        """Stochastic rounding's Philox key: drawn from torch's default generator when the
+        optimizer is made with the option (else at its first use), so that a run is
+        reproducible from ``torch.manual_seed``."""
+        if "_seed" not in self.__dict__:
+            self._seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+        return self._seed
 
 
 _GRAD = operator.attrgetter("grad")
