@@ -33,7 +33,7 @@ from fusedopt import precision
 from fusedopt.backend import check_backend_name, resolve_backend
 from fusedopt.kernels.algorithms import Algorithm
 from fusedopt.kernels.variant import Precision, Variant
-from fusedopt.state import StateOfBucket, WatchedStates, check_existing_state
+from fusedopt.state import StateOfBucket, WatchedStates, check_existing_state, state_dtype
 from fusedopt.table import TensorTable, WrittenMemory
 from fusedopt.tensors import (
     check_grad,
@@ -348,11 +348,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                                   tuple(flags.values()), real_dtype(p), precision=mode)
                 for name in variant.tensors:
                     value = kept.get((g, i, name), dict.get(state, name))
-                    if isinstance(value, Tensor) and value.dtype != variant.dtype_of(name):
+                    dtype = state_dtype(p, name, variant.dtype_of)
+                    if isinstance(value, Tensor) and value.dtype != dtype:
                         if remake:
                             del state[name]
                             continue
-                        state[name] = value.to(device=p.device, dtype=variant.dtype_of(name))
+                        state[name] = value.to(device=p.device, dtype=dtype)
                     elif value is not dict.get(state, name):
                         state[name] = value.to(device=p.device)
 

@@ -16,8 +16,8 @@ options, kept in each param group like torch's own options (so groups can differ
   dtype; param + compensation is the value the update reads, and keeps what rounding the param
   loses.
 * ``state_dtype``: the dtype of the algorithm's states (``torch.bfloat16``, ``torch.float16``
-  or ``torch.float32``); by default the dtype the update works on (fp32 with master weights,
-  else the param's, as torch.optim).
+  or ``torch.float32``, or their names: ``"bf16"``, ``"fp32"``...); by default the dtype the
+  update works on (fp32 with master weights, else the param's, as torch.optim).
 
 The first three apply to low-precision params only: fp32/fp64 params in the same group are
 updated as usual. They exclude each other (each is another way of keeping the param's lost
@@ -38,6 +38,19 @@ from fusedopt.kernels.variant import KAHAN, MASTER, Precision
 OPTIONS = {"master_weights": False, "stochastic_rounding": False, "kahan_summation": False,
            "state_dtype": None}
 STATE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_STATE_DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                      "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
+                      "float32": torch.float32, "float": torch.float32}
+
+
+def state_dtype_of(value: Any) -> torch.dtype | None:
+    """The torch dtype a ``state_dtype`` option names (None: the default), or ValueError."""
+    if value is None or value in STATE_DTYPES:
+        return value
+    if isinstance(value, str) and value.lower() in _STATE_DTYPE_NAMES:
+        return _STATE_DTYPE_NAMES[value.lower()]
+    raise ValueError(f"state_dtype must be None, torch.bfloat16, torch.float16 or "
+                     f"torch.float32 (or 'bf16', 'fp16', 'fp32'), not {value!r}")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 EXTRAS = (MASTER, KAHAN)
 #: The state_dict key of stochastic rounding's seed and launch count (per device).
@@ -60,9 +73,10 @@ def check_options(owner: str, group: dict[str, Any]) -> None:
     if isinstance(state_dtype, str) and state_dtype.lower() in ("8bit", "int8", "uint8"):
         raise NotImplementedError(f"{owner}: state_dtype='8bit' (block-wise quantized states) "
                                   "is not implemented yet; use torch.bfloat16")
-    if state_dtype is not None and state_dtype not in STATE_DTYPES:
-        raise ValueError(f"{owner}: state_dtype must be None, torch.bfloat16, torch.float16 "
-                         f"or torch.float32, not {state_dtype!r}")
+    try:
+        state_dtype_of(state_dtype)
+    except ValueError as e:
+        raise ValueError(f"{owner}: {e}") from None
 
 
 def precision_of(group: dict[str, Any], p: Tensor, owner: str) -> Precision:
@@ -73,12 +87,12 @@ def precision_of(group: dict[str, Any], p: Tensor, owner: str) -> Precision:
     write = ("master" if group.get("master_weights") and low else
              "stochastic" if group.get("stochastic_rounding") and low else
              "kahan" if group.get("kahan_summation") and low else "nearest")
-    state_dtype = group.get("state_dtype")
+    state_dtype = state_dtype_of(group.get("state_dtype"))
     if write == "stochastic" and dtype != torch.bfloat16:
         raise NotImplementedError(f"{owner}: stochastic_rounding rounds to bfloat16; a float16 "
                                   "parameter can take master_weights or kahan_summation")
-    if state_dtype is not None and p.is_complex():
-        raise NotImplementedError(f"{owner}: state_dtype with complex parameters")
+    if p.is_complex() and (state_dtype is not None or write != "nearest"):
+        raise NotImplementedError(f"{owner}: the precision options with complex parameters")
     default = torch.float32 if write == "master" else dtype
     if state_dtype == default:
         state_dtype = None

@@ -96,6 +96,17 @@ for _name in ("__getitem__", "get", "values", "items", "__iter__", "copy", "__or
 del _cls, _name
 
 
+def state_dtype(p: Tensor, name: str, dtype_of: Callable[[str], torch.dtype] | None
+                ) -> torch.dtype:
+    """The dtype state ``name`` of ``p`` is kept in: ``dtype_of(name)`` (a variant's, which
+    names real dtypes: a complex param's states are complex, of that real dtype's width), or
+    the param's."""
+    dtype = dtype_of(name) if dtype_of is not None else p.dtype
+    if p.is_complex() and dtype == p.real.dtype:
+        return p.dtype
+    return dtype
+
+
 def scalar_device(p: Tensor) -> torch.device:
     """Where a param's scalar states live: next to it (the kernels read and write them), but
     on the CPU for meta params, as torch keeps them (a meta scalar has no value to read)."""
@@ -169,7 +180,7 @@ class StateOfBucket:
         for name in self.names:
             value = dict.get(state, name)
             if value is None:
-                dtype = self.dtype_of(name) if self.dtype_of is not None else p.dtype
+                dtype = state_dtype(p, name, self.dtype_of)
                 init = self.opt._state_init(name, group)
                 shape = self.opt._state_shape(name, p)
                 if name == MASTER:  # the param's value, in full precision
@@ -233,7 +244,7 @@ def check_existing_state(opt, p: Tensor, names: tuple[str, ...], owner: str, whe
             raise ValueError(f"{owner}: state {name!r} of {where} is a "
                              f"{type(value).__name__}, not a tensor")
         shape = opt._state_shape(name, p)
-        dtype = dtype_of(name) if dtype_of is not None else p.dtype
+        dtype = state_dtype(p, name, dtype_of)
         if value.dtype != dtype or value.device != p.device or value.shape != shape:
             expected = "" if shape == p.shape else f" (so {name!r} has shape {tuple(shape)})"
             kept = ("the parameter's dtype" if dtype == p.dtype else

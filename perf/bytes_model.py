@@ -10,6 +10,13 @@ The state buffers come from each optimizer's own fusedopt spec, so a new optimiz
 here as soon as it exists. The model counts only param-sized tensors; scalars (step counts,
 lr) are negligible. It is a floor: an implementation that needs two passes (LAMB's trust
 ratio) or extra temporaries moves more and shows up below the ceiling.
+
+fusedopt's precision options (:mod:`fusedopt.precision`, given in ``hparams``) change it, for
+bf16/fp16 params: ``master_weights`` adds the fp32 master (read and written: 8 B) and keeps
+the states in fp32; ``kahan_summation`` adds the compensation (read and written, the param's
+dtype); ``stochastic_rounding`` moves nothing more; ``state_dtype`` sets the states' size.
+bf16 AdamW: 14 B plain, 30 B with master weights (p and g, the master, fp32 m and v), 18 B
+with Kahan.
 """
 
 from __future__ import annotations
@@ -90,9 +97,40 @@ def bytes_per_param(
     """
     p = DTYPE_BYTES[canonical_dtype(dtype)]
     g = DTYPE_BYTES[canonical_dtype(grad_dtype or dtype)]
-    s = DTYPE_BYTES[canonical_dtype(state_dtype or dtype)]
+    s, extra = _precision_sizes(dtype, hparams, state_dtype)
     n_states = len(state_buffers(optimizer, hparams))
-    return 2 * p + g + 2 * s * n_states  # p read+write, g read, each state read+write
+    # p read+write, g read, each state and the precision mode's extra read+write
+    return 2 * p + g + 2 * s * n_states + 2 * extra
+
+
+def _precision_sizes(dtype: str, hparams: Mapping[str, Any] | None,
+                     state_dtype: str | None = None) -> tuple[int, int]:
+    """(bytes of a state element, bytes of the precision mode's extra state element) for
+    params of ``dtype`` with the precision options in ``hparams``."""
+    hp = dict(hparams or {})
+    low = canonical_dtype(dtype) in ("bf16", "fp16")
+    master = bool(hp.get("master_weights")) and low
+    kahan = bool(hp.get("kahan_summation")) and low
+    chosen = state_dtype or hp.get("state_dtype")
+    if chosen is not None and not isinstance(chosen, str):
+        chosen = str(chosen).removeprefix("torch.")
+    s = DTYPE_BYTES[canonical_dtype(chosen or ("fp32" if master else dtype))]
+    extra = 4 if master else DTYPE_BYTES[canonical_dtype(dtype)] if kahan else 0
+    return s, extra
+
+
+def state_bytes_per_param(optimizer: str, dtype: str = "fp32",
+                          hparams: Mapping[str, Any] | None = None) -> int:
+    """Bytes of optimizer state kept per parameter element: the state buffers and the
+    precision mode's extra one (scalars left out).
+
+    >>> state_bytes_per_param("AdamW", "bf16", {"master_weights": True})
+    12
+    >>> state_bytes_per_param("AdamW", "fp32", {"state_dtype": "bf16"})
+    4
+    """
+    s, extra = _precision_sizes(dtype, hparams)
+    return s * len(state_buffers(optimizer, hparams)) + extra
 
 
 def describe(optimizer: str, hparams: Mapping[str, Any] | None = None) -> str:
@@ -103,12 +141,12 @@ def describe(optimizer: str, hparams: Mapping[str, Any] | None = None) -> str:
 
 def resident_bytes_per_param(optimizer: str, dtype: str = "fp32",
                              hparams: Mapping[str, Any] | None = None) -> int:
-    """Bytes per parameter element that a step touches: param, grad and each state buffer,
-    once each. Times the parameter count, it is the working set that has to fit in a cache
-    for the step to run from it instead of from memory.
+    """Bytes per parameter element that a step touches: param, grad and each state buffer
+    (and a precision mode's extra one), once each. Times the parameter count, it is the
+    working set that has to fit in a cache for the step to run from it instead of from memory.
 
     >>> resident_bytes_per_param("AdamW", "fp32")
     16
     """
     size = DTYPE_BYTES[canonical_dtype(dtype)]
-    return size * (2 + len(state_buffers(optimizer, hparams)))
+    return size * 2 + state_bytes_per_param(optimizer, dtype, hparams)

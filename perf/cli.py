@@ -279,7 +279,7 @@ def resolve_request(args: argparse.Namespace, device: str) -> Request:
         for spec in specs:
             for dtype in dtypes:
                 for impl in runnable:
-                    why = impl.unsupported(spec.name, device, dtype)
+                    why = impls_mod.unsupported(impl, spec, device, dtype)
                     if why is None:
                         req.jobs.append((w, spec, dtype, impl))
                     elif w is req.workloads[0]:  # same reason for every workload: report once
@@ -845,7 +845,8 @@ def _run_e2e(args: argparse.Namespace, device: str, req: Request) -> int:
     batch = args.e2e_batch or defaults["batch"]
     dev_name = measure.device_name(device)
     n_jobs = sum(1 for _ in req.dtypes for s in req.specs for i in req.impls
-                 if i.unavailable(device) is None and i.unsupported(s.name, device, "") is None)
+                 if i.unavailable(device) is None
+                 and impls_mod.unsupported(i, s, device, "") is None)
     progress = Progress([1.0] * n_jobs, enabled=not args.quiet)  # no time model: equal shares
     rows, skipped = e2e_mod.run_e2e(device, req.specs, req.dtypes, req.impls, model_name=model,
                                     steps=steps, warmup=warmup, batch=batch, seed=args.seed,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .gpt import CONFIGS, GPT, num_params
-from .impls import Impl, OptSpec, TorchFusedGraph
+from .impls import Impl, OptSpec, TorchFusedGraph, unsupported
 from .measure import TORCH_DTYPES, error_text, sync
 
 E2E_FIELDS = [
@@ -108,7 +108,7 @@ def run_e2e(
     for dtype in dtypes:
         for spec in specs:
             for impl in impls:
-                why = impl.unavailable(device) or impl.unsupported(spec.name, device, dtype)
+                why = impl.unavailable(device) or unsupported(impl, spec, device, dtype)
                 label = f"e2e {model_name} {spec.label} {dtype} {impl.name}"
                 if why:
                     skipped.append({"optimizer": spec.label, "dtype": dtype, "impl": impl.name,

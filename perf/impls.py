@@ -44,6 +44,14 @@ class OptSpec:
         return {**BENCH_HPARAMS[self.name], **dict(self.overrides)}
 
     @property
+    def precision_options(self) -> dict[str, Any]:
+        """fusedopt's precision options among the overrides (master_weights, ...): only
+        fusedopt runs them (see :func:`unsupported`)."""
+        from fusedopt.precision import OPTIONS
+
+        return {k: v for k, v in self.overrides if k in OPTIONS and v != OPTIONS[k]}
+
+    @property
     def label(self) -> str:
         """``AdamW`` or ``AdamW[amsgrad=True]``: the name used in tables and files."""
         if not self.overrides:
@@ -107,6 +115,17 @@ def _construct(cls: Any, params: list, hparams: dict[str, Any], **extra: Any) ->
     dropped = sorted(k for k in kwargs if k not in sig.parameters)
     kwargs = {k: v for k, v in kwargs.items() if k in sig.parameters}
     return cls(params, **kwargs), (f"ignored: {','.join(dropped)}" if dropped else "")
+
+
+def unsupported(impl: Impl, spec: OptSpec, device: str, dtype: str) -> str | None:
+    """Why ``impl`` has no row for ``spec``: its own reason, or, for any implementation but
+    fusedopt's, the precision options it does not have (the plain optimizer's row is the one
+    to compare with)."""
+    why = impl.unsupported(spec.name, device, dtype)
+    if why is None and spec.precision_options and not isinstance(impl, FusedOpt):
+        names = ", ".join(spec.precision_options)
+        why = f"{impl.name} has no {names} (fusedopt's precision options)"
+    return why
 
 
 class Impl:
