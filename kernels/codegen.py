@@ -9,6 +9,7 @@ CPU, so no device is needed; this does not work under TRITON_INTERPRET=1, which 
     python -m fusedopt.kernels.codegen            # JSON summary of every variant, sm_90
     python -m fusedopt.kernels.codegen lamb/bf16  # one variant in one dtype
     python -m fusedopt.kernels.codegen --others fp32 bf16  # tile and sparse-row kernels
+    python -m fusedopt.kernels.codegen --precision  # the precision modes' variants
 
 A variant is a :class:`~fusedopt.kernels.skeleton.Variant`; the constexprs it compiles with
 come from :func:`~fusedopt.kernels.skeleton.constexprs`, the function the launches use.
@@ -16,6 +17,7 @@ come from :func:`~fusedopt.kernels.skeleton.constexprs`, the function the launch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -199,6 +201,43 @@ def other_kernels_usage(dtypes: list[str], arch: int = 90) -> dict[str, dict[str
     return report
 
 
+#: The precision modes (:class:`~fusedopt.kernels.variant.Precision`) compiled by
+#: ``--precision``: (param dtype, state dtype or None, write).
+PRECISION_MODES = {
+    "bf16+master": ("bf16", None, "master"),
+    "bf16+stochastic": ("bf16", None, "stochastic"),
+    "bf16+kahan": ("bf16", None, "kahan"),
+    "bf16+fp32-states": ("bf16", torch.float32, "nearest"),
+    "fp32+bf16-states": ("fp32", torch.bfloat16, "nearest"),
+}
+PRECISION_VARIANTS = ("adamw", "adam-amsgrad-maximize", "sgd-momentum-nesterov", "lion",
+                      "lamb", "adamw+amp")
+
+
+def precision_variant(name: str, mode: str) -> skeleton.Variant:
+    """VARIANTS[name] in precision mode PRECISION_MODES[mode]."""
+    from fusedopt.kernels.variant import Precision
+
+    dtype, state_dtype, write = PRECISION_MODES[mode]
+    return dataclasses.replace(variant(name, dtype), precision=Precision(state_dtype, write))
+
+
+def precision_usage(arch: int = 90) -> dict[str, dict[str, int]]:
+    """Each PRECISION_VARIANTS x PRECISION_MODES kernel (step; LAMB's sums too) compiled for
+    sm_<arch> as launched: registers, spills and the 16-byte loads and stores of its PTX."""
+    report = {}
+    for name in PRECISION_VARIANTS:
+        for mode in PRECISION_MODES:
+            v = precision_variant(name, mode)
+            for kernel in ("step", "sums") if v.algorithm.sums else ("step",):
+                compiled = compile_variant(v, kernel, arch)
+                usage = resource_usage(compiled.asm["cubin"])
+                key = f"{name}/{mode}" + ("" if kernel == "step" else "/sums")
+                report[key] = {"regs": usage["REG"], "spills": usage["spills"],
+                               **summarise(compiled.asm["ptx"])}
+    return report
+
+
 def compile_ptx(name: str, dtype: str, kernel: str = "step", arch: int = 90) -> str:
     """PTX of VARIANTS[name] in ``dtype``: that of the plain build (under the register cap
     the PTX is the same but for its ``.maxnreg`` line, so one compile is enough)."""
@@ -227,6 +266,10 @@ def main(argv: list[str] | None = None) -> None:
     if args[0] == "--others":  # the tile and sparse-row kernels: registers and spills
         usage = other_kernels_usage(args[1:] or ["fp32", "bf16", "fp64"])
         print(json.dumps({"triton": triton.__version__, "arch": "sm_90", "kernels": usage}))
+        return
+    if args[0] == "--precision":
+        print(json.dumps({"triton": triton.__version__, "arch": "sm_90",
+                          "kernels": precision_usage()}))
         return
     pairs = [tuple(a.split("/")) if "/" in a else (name, a)
              for a in args for name in (VARIANTS if "/" not in a else (None,))]

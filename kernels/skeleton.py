@@ -285,6 +285,7 @@ def _round_stochastic(x, rng, offs):
     tensor index), ``offs`` the elements' indices in their tensor. Infinities and NaNs are kept;
     a value rounded up past the largest bf16 becomes infinity, as in round to nearest."""
     seed, count, t = rng
+    offs = offs.to(tl.int64)  # (the head's offsets are int32 lanes)
     low = offs.to(tl.uint32)
     zero = low * 0
     bits, _, _, _ = tl.philox(seed, low, (offs >> 32).to(tl.uint32), zero + t.to(tl.uint32),
