@@ -118,7 +118,7 @@ def vector_elements(dtype: torch.dtype) -> int:
 def variant_vector(variant: Variant) -> int:
     """Elements per thread per block: 16 bytes of the variant's narrowest storage (a wider
     state then takes two or four 16-byte accesses per block)."""
-    return max(vector_elements(variant.dtype_of(name)) for name in ("param", *variant.tensors))
+    return min(vector_elements(variant.dtype_of(name)) for name in ("param", *variant.tensors))
 
 
 def chunk_elements(variant: Variant) -> int:
