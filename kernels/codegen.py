@@ -222,11 +222,12 @@ def precision_variant(name: str, mode: str) -> skeleton.Variant:
     return dataclasses.replace(variant(name, dtype), precision=Precision(state_dtype, write))
 
 
-def precision_usage(arch: int = 90) -> dict[str, dict[str, int]]:
-    """Each PRECISION_VARIANTS x PRECISION_MODES kernel (step; LAMB's sums too) compiled for
+def precision_usage(names: tuple[str, ...] = PRECISION_VARIANTS, arch: int = 90
+                    ) -> dict[str, dict[str, int]]:
+    """Each of ``names`` x PRECISION_MODES kernels (step; LAMB's sums too) compiled for
     sm_<arch> as launched: registers, spills and the 16-byte loads and stores of its PTX."""
     report = {}
-    for name in PRECISION_VARIANTS:
+    for name in names:
         for mode in PRECISION_MODES:
             v = precision_variant(name, mode)
             for kernel in ("step", "sums") if v.algorithm.sums else ("step",):
@@ -268,8 +269,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"triton": triton.__version__, "arch": "sm_90", "kernels": usage}))
         return
     if args[0] == "--precision":
-        print(json.dumps({"triton": triton.__version__, "arch": "sm_90",
-                          "kernels": precision_usage()}))
+        usage = precision_usage(tuple(args[1:]) or PRECISION_VARIANTS)
+        print(json.dumps({"triton": triton.__version__, "arch": "sm_90", "kernels": usage}))
         return
     pairs = [tuple(a.split("/")) if "/" in a else (name, a)
              for a in args for name in (VARIANTS if "/" not in a else (None,))]

@@ -22,6 +22,13 @@ state bytes per param (measured: the bytes of every state tensor after training,
 the parameter count).
 
     python -m fusedopt.perf.study --out perf/results/precision
+    python -m fusedopt.perf.study --memory --out perf/results/precision
+
+``--memory`` measures the other half: the optimizer state each mode keeps, in bytes per param,
+on GPT-2 124M's parameter shapes (:func:`fusedopt.perf.workloads.gpt2_124m`), next to
+torch.optim.AdamW's: after one step, the bytes of every state tensor the optimizer holds
+(scalars included), divided by the parameter count. Written to ``memory.json`` and
+``memory.md``.
 """
 
 from __future__ import annotations
@@ -172,6 +179,60 @@ def write(results: list[dict], meta: dict, out: Path) -> None:
     plt.close(fig)
 
 
+#: (row name, param dtype, the optimizer: "torch" or fusedopt's options)
+MEMORY_ROWS = (
+    ("torch.optim.AdamW, fp32 params", torch.float32, "torch"),
+    ("torch.optim.AdamW, bf16 params", torch.bfloat16, "torch"),
+    ("fusedopt.AdamW, fp32 params", torch.float32, {}),
+    ("fusedopt.AdamW, fp32 params, state_dtype=bf16", torch.float32,
+     {"state_dtype": torch.bfloat16}),
+    ("fusedopt.AdamW, bf16 params", torch.bfloat16, {}),
+    ("fusedopt.AdamW, bf16 params, master_weights", torch.bfloat16, {"master_weights": True}),
+    ("fusedopt.AdamW, bf16 params, master_weights, state_dtype=bf16", torch.bfloat16,
+     {"master_weights": True, "state_dtype": torch.bfloat16}),
+    ("fusedopt.AdamW, bf16 params, stochastic_rounding", torch.bfloat16,
+     {"stochastic_rounding": True}),
+    ("fusedopt.AdamW, bf16 params, kahan_summation", torch.bfloat16, {"kahan_summation": True}),
+)
+
+
+def memory(out: Path) -> list[dict]:
+    """Optimizer state bytes per param on GPT-2 124M's shapes, per MEMORY_ROWS row."""
+    import fusedopt
+
+    from .workloads import gpt2_124m
+
+    shapes = gpt2_124m().shapes
+    rows = []
+    for name, dtype, how in MEMORY_ROWS:
+        params = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape in shapes]
+        for p in params:
+            p.grad = torch.full_like(p, 1e-3)
+        opt = (torch.optim.AdamW(params, foreach=False) if how == "torch"
+               else fusedopt.AdamW(params, backend="reference", **how))
+        opt.step()
+        numel = sum(p.numel() for p in params)
+        held = sum(v.numel() * v.element_size() for s in opt.state.values()
+                   for v in s.values() if isinstance(v, torch.Tensor))
+        weights = sum(p.numel() * p.element_size() for p in params)
+        rows.append({"name": name, "params": numel, "state_bytes_per_param": held / numel,
+                     "param_bytes_per_param": weights / numel,
+                     "total_bytes_per_param": (held + weights) / numel})
+        del opt, params
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory.json").write_text(json.dumps({"workload": "gpt2 (124M, HF shapes)",
+                                                 "torch": torch.__version__, "rows": rows},
+                                                indent=1))
+    lines = ["| optimizer | state, bytes/param | params + state, bytes/param | state, GPT-2 124M |",
+             "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['state_bytes_per_param']:.2f} | "
+                     f"{r['total_bytes_per_param']:.2f} | "
+                     f"{r['state_bytes_per_param'] * r['params'] / 2**20:.0f} MiB |")
+    (out / "memory.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1500)
@@ -182,10 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--runs", nargs="+", default=None, metavar="NAME",
                         help="a subset of: " + ", ".join(name for name, _, _ in RUNS))
+    parser.add_argument("--memory", action="store_true",
+                        help="measure the optimizer state per param on GPT-2 124M's shapes "
+                             "instead of training")
     parser.add_argument("--out", type=Path, default=Path("bench-out/precision"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory:
+        for row in memory(args.out):
+            print(f"{row['name']:64s} {row['state_bytes_per_param']:6.2f} B/param")
+        return 0
     data = torch.frombuffer(bytearray(corpus()), dtype=torch.uint8).long()
     split = len(data) * 9 // 10
     train, held_out = data[:split], data[split:]

@@ -103,3 +103,29 @@ def test_tile_and_sparse_row_kernels_compile_for_sm90_without_spills(others):
         assert usage["spills"] == 0, (name, usage)
         limit = 128 if name.startswith("sparse_rows") else 96
         assert usage["REG"] <= limit, (name, usage)
+
+
+@pytest.fixture(scope="module")
+def precision_modes():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "fusedopt.kernels.codegen", "--precision",
+                           "adamw+amp"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["kernels"]
+
+
+def test_precision_modes_compile_for_sm90_without_spills(precision_modes):
+    """The precision modes' kernels (AdamW with AMP's inputs: the most code) lower for an
+    H100 and spill nothing. States of another width than the param (master weights, fp32
+    states of bf16 params, bf16 states of fp32 params) keep to the register cap (16 bytes of
+    the widest tensor per thread per block); Kahan's fifth tensor and stochastic rounding's
+    Philox bits take more registers (at most 128: fewer programs per SM), the 16-byte
+    accesses stay. (Every optimizer: ``python -m fusedopt.kernels.codegen --precision``.)"""
+    from fusedopt.kernels.codegen import PRECISION_MODES
+
+    assert set(precision_modes) == {f"adamw+amp/{mode}" for mode in PRECISION_MODES}
+    for name, usage in precision_modes.items():
+        assert usage["spills"] == 0, (name, usage)
+        mixed = not ("stochastic" in name or "kahan" in name)
+        assert usage["regs"] <= (skeleton.REGISTER_CAP if mixed else 128), (name, usage)
+        assert usage["ld_16B"] > 0, (name, usage)
