@@ -447,13 +447,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         # A mapping the user assigned to ``optimizer.state`` is torch's state from then on (what
         # they put in it later must be used): nobody counts its changes, so every step rebuilds.
         watched = type(self.state) is WatchedStates
+        precision_changed = (self._buckets is not None
+                             and self._precision_options() != self._group_precision_seen)
         if (self._buckets is None or not watched
                 or self.state.changes[0] != self._seen_state_changes
-                or not self._same_groups(flags)
-                or self._precision_options() != self._group_precision_seen):
-            if (self._buckets is not None
-                    and self._precision_options() != self._group_precision_seen):
-                self._states_in_their_dtypes()  # a group's precision options changed
+                or not self._same_groups(flags) or precision_changed):
+            if precision_changed:  # a group's precision options changed: states follow
+                self._states_in_their_dtypes()
             self._buckets = self._make_buckets(flags)
         clip_coef = self._pending_clip_coefficient()  # raises if the grads changed under it
         try:

@@ -551,3 +551,30 @@ def test_options_are_group_options():
     opt.step()
     assert "master_param" in opt.state[a]
     assert torch.equal(a.detach(), opt.state[a]["master_param"].bfloat16())
+
+
+def test_compiled_train_step_with_master_weights():
+    """A compiled forward, backward and step (the step one fusedopt custom op) with master
+    weights: the same params and masters as eager."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4).bfloat16()
+    twin = torch.nn.Linear(16, 4).bfloat16()
+    twin.load_state_dict(model.state_dict())
+    opt = fusedopt.AdamW(model.parameters(), lr=1e-2, master_weights=True, backend="reference")
+    eager = fusedopt.AdamW(twin.parameters(), lr=1e-2, master_weights=True, backend="reference")
+
+    @torch.compile(backend="aot_eager")
+    def train(x):
+        model(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(3):
+        x = torch.randn(8, 16).bfloat16()
+        train(x)
+        twin(x).float().square().mean().backward()
+        eager.step()
+        eager.zero_grad()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["master_param"], eager.state[q]["master_param"])
