@@ -211,9 +211,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         if options.get("stochastic_rounding"):
             self._rounding_seed()  # drawn now: reproducible from torch.manual_seed before
         self.defaults.update(options)
+        owner = f"fusedopt.{type(self).__name__}"
         for group in self.param_groups:
             for name, value in options.items():
                 group.setdefault(name, value)
+            precision.check_options(owner, group)  # (a group's own option with the defaults)
         # state torch's constructor made (Adagrad's sum) in another dtype than the precision
         # mode keeps it in: made again at the first step, from its initial value
         self._states_in_their_dtypes(remake=True)
@@ -264,6 +266,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = {**super().__getstate__(), "_backend_request": self._backend_request}
+        for name in ("_seed", "_rounding", "_rounding_loaded"):  # stochastic rounding's
+            if name in self.__dict__:
+                state[name] = self.__dict__[name]
         state.pop("_compile_handle", None)  # a copy registers itself afresh
         return state
 
@@ -285,10 +290,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         that ``torch.load(weights_only=True)`` and torch.optim read it)."""
         saved = super().state_dict()
         saved["state"] = {key: dict(value) for key, value in saved["state"].items()}
-        rounding = self.__dict__.get("_rounding")
-        if rounding:  # stochastic rounding's seed and launch count, to continue exactly
-            saved[precision.ROUNDING_KEY] = {device: t[:2].clone()
-                                             for device, t in rounding.items()}
+        if "_seed" in self.__dict__:  # stochastic rounding's seed and launch counts
+            counts = dict(self.__dict__.get("_rounding_loaded", {}))
+            counts.update({key: int(t[1]) for key, t in self.__dict__.get("_rounding",
+                                                                           {}).items()})
+            saved[precision.ROUNDING_KEY] = {"seed": self._seed, "counts": counts}
         return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -298,13 +304,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         ValueError before anything is changed.
         """
         self._check_loaded_state(state_dict)
+        rounding = precision.check_rounding_state(state_dict.get(precision.ROUNDING_KEY),
+                                                  f"fusedopt.{type(self).__name__}")
         kept = self._states_of_other_dtypes(state_dict)
         super().load_state_dict(state_dict)  # ends in __setstate__, which restarts the caches
         self._states_in_their_dtypes(kept)
-        rounding = state_dict.get(precision.ROUNDING_KEY)
-        if rounding is not None:
-            self._rounding = {device: torch.cat([t.to(torch.int64), t.new_zeros(1)])
-                              .to(device) for device, t in rounding.items()}
+        if rounding is not None:  # made on each device at its next step, from these
+            self._seed, self._rounding_loaded = rounding
+            self._rounding = {}
 
     def _states_of_other_dtypes(self, state_dict: dict) -> dict[tuple[int, int, str], Tensor]:
         """The saved state tensors whose dtype is not their param's (a precision mode's, and
@@ -328,8 +335,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Each state tensor in the dtype this optimizer keeps it in (its precision mode's;
         the param's otherwise): after torch's loader (from the saved value itself where torch
         cast it, ``kept``), when a group's precision options change, and after torch's
-        constructor (Adagrad makes its state there; ``remake``: such a state is dropped, and
-        made again in its dtype at the first step, not cast from the param's)."""
+        constructor (Adagrad makes its state there; ``remake``: such a state is made again in
+        its dtype from its initial value, not cast from the param's)."""
         kept = kept or {}
         for g, group in enumerate(self.param_groups):
             flags = self._group_flags(group)
@@ -350,8 +357,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                     value = kept.get((g, i, name), dict.get(state, name))
                     dtype = state_dtype(p, name, variant.dtype_of)
                     if isinstance(value, Tensor) and value.dtype != dtype:
-                        if remake:
-                            del state[name]
+                        if remake:  # made by torch's constructor: made again, in its dtype
+                            state[name] = torch.full_like(
+                                value, self._state_init(name, group), dtype=dtype,
+                                memory_format=torch.preserve_format)
                             continue
                         state[name] = value.to(device=p.device, dtype=dtype)
                     elif value is not dict.get(state, name):
@@ -398,6 +407,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if missing:
                     raise ValueError(f"loaded state dict has no {missing} for a parameter: it "
                                      f"was not saved by {owner} or its torch.optim twin")
+                for k in precision.EXTRAS:  # a precision mode's own states: the param's shape
+                    value = state.get(k)
+                    if k in state and (not isinstance(value, Tensor) or value.shape != p.shape):
+                        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value)
+                        raise ValueError(f"loaded state {k!r} is {shape}, but its parameter "
+                                         f"has shape {tuple(p.shape)}")
                 for k in names:
                     value = state[k]
                     expected = self._state_shape(k, p)
@@ -452,9 +467,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         if (self._buckets is None or not watched
                 or self.state.changes[0] != self._seen_state_changes
                 or not self._same_groups(flags) or precision_changed):
+            buckets = self._make_buckets(flags)  # (raises before anything changes)
             if precision_changed:  # a group's precision options changed: states follow
                 self._states_in_their_dtypes()
-            self._buckets = self._make_buckets(flags)
+                self._seen_state_changes = getattr(self.state, "changes", [-1])[0]
+            self._buckets = buckets
         clip_coef = self._pending_clip_coefficient()  # raises if the grads changed under it
         try:
             try:
@@ -687,11 +704,22 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _make_buckets(self, flags: list[dict[str, bool]]) -> list[_Bucket]:
         members: dict[tuple, list[tuple[Tensor, int]]] = {}
+        owner = f"fusedopt.{type(self).__name__}"
         for index, (group, group_flags) in enumerate(zip(self.param_groups, flags)):
+            if self.precision_modes:  # (options set in a group between steps, too)
+                precision.check_options(owner, group)
             for p in group["params"]:
                 key = (p.device, real_dtype(p), tuple(group_flags.values()), self._param_kind(p),
                        self._precision(group, p))
                 members.setdefault(key, []).append((p, index))
+        # A precision mode's state no longer used by its param (the option was turned off, the
+        # param is fp32 now) is dropped: turned on again, it starts afresh from the param.
+        for (*_, mode), entries in members.items():
+            for p, _ in entries:
+                state = self.state.get(p)
+                for name in precision.EXTRAS:
+                    if name not in mode.extras and isinstance(state, dict) and name in state:
+                        del state[name]
         self._group_params = [list(g["params"]) for g in self.param_groups]
         self._group_flags_seen = flags
         self._group_precision_seen = self._precision_options()
@@ -714,7 +742,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         states = self.__dict__.setdefault("_rounding", {})
         key = str(device)
         if key not in states:
-            states[key] = torch.tensor([self._rounding_seed(), 0, 0], dtype=torch.int64,
+            # a loaded count: this device's, else the checkpoint's (another rank's device:
+            # DDP replicas count alike), else 0
+            loaded = self.__dict__.get("_rounding_loaded", {})
+            count = loaded.get(key, max(loaded.values(), default=0))
+            states[key] = torch.tensor([self._rounding_seed(), count, 0], dtype=torch.int64,
                                        device=device)
         return states[key]
 

@@ -99,6 +99,21 @@ def precision_of(group: dict[str, Any], p: Tensor, owner: str) -> Precision:
     return Precision(state_dtype, write)
 
 
+def check_rounding_state(saved: Any, owner: str) -> tuple[int, dict[str, int]] | None:
+    """A state_dict's stochastic-rounding entry (:data:`ROUNDING_KEY`: the seed and the
+    launch count per device) as (seed, counts), or ValueError if it is not one; None if
+    absent."""
+    if saved is None:
+        return None
+    seed = saved.get("seed") if isinstance(saved, dict) else None
+    counts = saved.get("counts") if isinstance(saved, dict) else None
+    if (not isinstance(seed, int) or not isinstance(counts, dict)
+            or not all(isinstance(k, str) and isinstance(v, int) for k, v in counts.items())):
+        raise ValueError(f"{owner}.load_state_dict: {ROUNDING_KEY!r} should be "
+                         "{'seed': int, 'counts': {device: int}}, as state_dict() saves it")
+    return seed, dict(counts)
+
+
 def torch_state_dict(state_dict: dict[str, Any], dtype: torch.dtype = torch.float32
                      ) -> dict[str, Any]:
     """A fusedopt state_dict in torch.optim's format, for checkpoints that leave fusedopt:
@@ -127,16 +142,20 @@ def torch_state_dict(state_dict: dict[str, Any], dtype: torch.dtype = torch.floa
 
 
 def master_params(optimizer) -> list[Tensor]:
-    """Each param's full-precision value, in param-group order: its fp32 master copy where it
-    has one, its Kahan pair summed in fp32 where it has one, else the param itself."""
+    """Each param's full-precision value, in param-group order: its fp32 master copy where
+    its precision mode keeps one (and the param still is the master's rounding), its Kahan
+    pair summed in fp32 where its mode keeps one, else the param itself."""
     out = []
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state.get(p, {})
-            if isinstance(state.get(MASTER), Tensor):
-                out.append(state[MASTER])
-            elif isinstance(state.get(KAHAN), Tensor):
-                out.append(p.detach().float() + state[KAHAN].float())
+            write = optimizer._precision(group, p).write
+            master, compensation = state.get(MASTER), state.get(KAHAN)
+            if (write == "master" and isinstance(master, Tensor)
+                    and torch.equal(master.to(p.dtype), p.detach())):
+                out.append(master)
+            elif write == "kahan" and isinstance(compensation, Tensor):
+                out.append(p.detach().float() + compensation.float())
             else:
                 out.append(p.detach())
     return out

@@ -494,16 +494,19 @@ def round_stochastic(x: Tensor, seed: int, count: int, tensor_index: int) -> Ten
     """fp32 ``x`` rounded to bf16 stochastically: 16 random bits (Philox keyed by ``seed``,
     counter (element index, tensor index, launch count)) added below bf16's last bit, then
     cut off. A value ``f`` of the way (in ulps) from the bf16 value below it rounds up with
-    probability ``f``: the rounding is unbiased. Infinities and NaNs are kept."""
+    probability ``f``: the rounding is unbiased. Infinities and NaNs are kept. An element's
+    index is its place in memory (``x`` is dense, laid out as its param), as the kernels walk
+    it."""
     index = torch.arange(x.numel(), dtype=torch.int64, device=x.device)
+    index = torch.as_strided(index, x.shape, x.stride())
     bits = philox(seed, index & _WORD, index >> 32, torch.full_like(index, tensor_index),
                   torch.full_like(index, count & _WORD)) & 0xFFFF
-    raw = x.reshape(-1).view(torch.int32).to(torch.int64) & _WORD
+    raw = x.view(torch.int32).to(torch.int64) & _WORD
     rounded = (raw + bits) & 0xFFFF0000
     rounded = torch.where(rounded >= 2 ** 31, rounded - 2 ** 32, rounded)  # as int32 bits
     special = (raw & 0x7F800000) == 0x7F800000  # inf or NaN
-    out = torch.where(special, x.reshape(-1), rounded.to(torch.int32).view(torch.float32))
-    return out.to(torch.bfloat16).view(x.shape)
+    return torch.where(special, x, rounded.to(torch.int32).view(torch.float32)).to(
+        torch.bfloat16)
 
 
 def precise_update(update, param: Tensor, grad: Tensor, states: dict[str, Tensor | None],
@@ -525,7 +528,12 @@ def precise_update(update, param: Tensor, grad: Tensor, states: dict[str, Tensor
     if write == "master":
         working = torch.where(extra.to(param.dtype).to(compute) == working, extra, working)
     elif write == "kahan":
-        working = working + extra.to(compute)
+        # a compensation is at most half an ulp of its param, as each step leaves it; a
+        # larger one was left for another value (the user changed the param): dropped
+        power = (working.view(torch.int32) & 0x7F800000).view(torch.float32)
+        half_ulp = power * (2.0 ** -8 if param.dtype == torch.bfloat16 else 2.0 ** -11)
+        compensation = extra.to(compute)
+        working = torch.where(compensation.abs() <= half_ulp, working + compensation, working)
     upcast = {name: None if s is None else s.to(compute) for name, s in states.items()}
     update(working, grad.to(compute), **upcast, **arguments)
     for name, s in states.items():
@@ -537,8 +545,9 @@ def precise_update(update, param: Tensor, grad: Tensor, states: dict[str, Tensor
     param.copy_(working)
     if write == "master":
         extra.copy_(working)
-    elif write == "kahan":
-        extra.copy_(working - param.to(compute))
+    elif write == "kahan":  # (none where the param overflowed: inf - inf)
+        rounded = param.to(compute)
+        extra.copy_(torch.where(rounded.isfinite(), working - rounded, 0.0))
 
 
 # ---- every reference function takes exactly what its declaration names ------------------------

@@ -181,7 +181,9 @@ class StateOfBucket:
             value = dict.get(state, name)
             if value is None:
                 dtype = state_dtype(p, name, self.dtype_of)
-                init = self.opt._state_init(name, group)
+                # (a precision mode's compensation starts at 0, not at the spec's initial
+                # value: Adagrad's is its accumulator's)
+                init = 0.0 if name in self.extras else self.opt._state_init(name, group)
                 shape = self.opt._state_shape(name, p)
                 if name == MASTER:  # the param's value, in full precision
                     value = p.detach().to(dtype, memory_format=torch.preserve_format, copy=True)

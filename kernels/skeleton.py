@@ -259,7 +259,11 @@ def _to_storage(x, STORAGE: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr):
 
     Compiled Triton does this in one cvt.rn instruction. Triton's CPU interpreter truncates
     fp32 -> bf16 instead, so under the interpreter (only) the rounding is done on the bits.
+    fp64 values bound for a 16-bit dtype (fp64 params with bf16 states) go through fp32, as
+    torch converts them (round to fp32, then to the 16-bit dtype).
     """
+    if x.dtype == tl.float64 and (STORAGE == tl.bfloat16 or STORAGE == tl.float16):
+        x = x.to(tl.float32)
     if ROUND_BF16_BY_HAND and STORAGE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
@@ -302,14 +306,20 @@ def _working_param(raw, NUM_STATES: tl.constexpr, COMPUTE: tl.constexpr,
                    PRECISION: tl.constexpr):
     """The param value the update works on: the param; or its fp32 master copy (where the
     param still is the master's rounding: a param the user changed since is taken as it is,
-    as torch would); or param + compensation (Kahan)."""
+    as torch would); or param + compensation (Kahan), where the compensation is at most half
+    an ulp of the param, as each step leaves it (a larger one was left for another value: the
+    user changed the param since, which is then taken as it is)."""
     p = raw[0].to(COMPUTE)
     if PRECISION[P_WRITE] == WRITE_MASTER:
         master = raw[2 + NUM_STATES - 1].to(COMPUTE)
         same = _to_storage(master, STORAGE, ROUND_BF16_BY_HAND).to(COMPUTE) == p
         p = tl.where(same, master, p)
     elif PRECISION[P_WRITE] == WRITE_KAHAN:
-        p = p + raw[2 + NUM_STATES - 1].to(COMPUTE)
+        compensation = raw[2 + NUM_STATES - 1].to(COMPUTE)
+        # 2**exponent(p) times 2**-8 (bf16's 7 stored mantissa bits) or 2**-11 (fp16's 10)
+        power = (p.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+        half_ulp = power * (0.00390625 if STORAGE == tl.bfloat16 else 0.00048828125)
+        p = tl.where(tl.abs(compensation) <= half_ulp, p + compensation, p)
     return p
 
 
@@ -337,7 +347,8 @@ def _update_body(raw, param, states, offs, mask, per_tensor, acc, FN: tl.constex
         if PRECISION[P_WRITE] == WRITE_MASTER:
             tl.store(states[NUM_STATES - 1] + offs, p, mask=mask)
         elif PRECISION[P_WRITE] == WRITE_KAHAN:
-            compensation = p - stored.to(COMPUTE)
+            rounded = stored.to(COMPUTE)  # (none where the param overflowed: inf - inf)
+            compensation = tl.where(tl.abs(rounded) < float("inf"), p - rounded, 0.0)
             tl.store(states[NUM_STATES - 1] + offs,
                      _to_storage(compensation, STORAGE, ROUND_BF16_BY_HAND), mask=mask)
     for i in tl.static_range(NUM_STATES - PRECISION[P_NUM_EXTRA]):

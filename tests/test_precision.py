@@ -369,9 +369,7 @@ def test_amp_skip_changes_nothing(mode, kernel_device):
     for k, state in before[0]["state"].items():
         for name, value in state.items():
             assert torch.equal(after["state"][k][name], value), name
-    for key in before[0].get(precision.ROUNDING_KEY, {}):
-        assert torch.equal(after[precision.ROUNDING_KEY][key], before[0][
-            precision.ROUNDING_KEY][key])
+    assert after.get(precision.ROUNDING_KEY) == before[0].get(precision.ROUNDING_KEY)
     # an unskipped scaled step is the unscaled one
     for p, q in zip(params, twin):
         g = torch.randn_like(p)
@@ -578,3 +576,189 @@ def test_compiled_train_step_with_master_weights():
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
         assert torch.equal(opt.state[p]["master_param"], eager.state[q]["master_param"])
+
+
+# ---- hostile use (a review's attacks, each once a bug) ------------------------------------
+
+
+def _backends():
+    from conftest import KERNELS_RUNNABLE
+
+    return ["reference", "triton"] if KERNELS_RUNNABLE else ["reference"]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_a_param_changed_by_the_user_drops_its_compensation(backend):
+    """Kahan: a compensation left for the old value is not added to a param the user changed
+    (zeroed, or rebound); an Adagrad compensation starts at 0, not at the accumulator's value;
+    an fp16 param that overflows keeps its inf (no inf - inf)."""
+    p = torch.nn.Parameter(torch.full((4,), 100.0, dtype=torch.bfloat16))
+    opt = fusedopt.SGD([p], lr=0.3, kahan_summation=True, backend=backend)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.state[p]["kahan_comp"].abs().max() > 0
+    with torch.no_grad():
+        p.zero_()
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(p, torch.zeros_like(p))
+    p.data = torch.ones(4, dtype=torch.bfloat16)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(p, torch.ones_like(p))
+    a = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = fusedopt.Adagrad([a], lr=0.0, initial_accumulator_value=1.0, kahan_summation=True,
+                           backend=backend)
+    a.grad = torch.ones_like(a)
+    opt.step()
+    assert torch.equal(a, torch.ones_like(a)) and not opt.state[a]["kahan_comp"].any()
+    h = torch.nn.Parameter(torch.full((2,), 65000.0, dtype=torch.float16))
+    opt = fusedopt.SGD([h], lr=1.0, kahan_summation=True, backend=backend)
+    for _ in range(2):
+        h.grad = torch.full_like(h, -1000.0)
+        opt.step()
+    assert torch.isinf(h).all()
+
+
+@pytest.mark.parametrize("option", ["master_weights", "kahan_summation"])
+def test_an_option_turned_off_drops_its_state(option):
+    """Turned off, a mode's own state goes (turned on again it starts from the param, not
+    from a value left steps ago), and master_params() gives the param."""
+    p = torch.nn.Parameter(torch.full((3,), 100.0, dtype=torch.bfloat16))
+    opt = fusedopt.SGD([p], lr=0.3, backend="reference", **{option: True})
+    p.grad = torch.ones_like(p)
+    opt.step()
+    opt.param_groups[0][option] = False
+    for _ in range(3):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert not set(opt.state[p]) & {"master_param", "kahan_comp"}
+    assert torch.equal(fusedopt.master_params(opt)[0], p.detach())
+    opt.param_groups[0][option] = True
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(fusedopt.master_params(opt)[0].to(p.dtype), p.detach())
+
+
+def test_invalid_or_conflicting_options_fail_before_anything_changes():
+    p = torch.nn.Parameter(torch.randn(8).bfloat16())
+    q = torch.nn.Parameter(torch.randn(8).bfloat16())
+    with pytest.raises(ValueError, match="exclude each other"):  # a group's own + a default
+        fusedopt.AdamW([{"params": [p]}, {"params": [q], "master_weights": True}],
+                       kahan_summation=True)
+    opt = fusedopt.Adam([p], lr=1e-2, backend="reference")
+    p.grad = torch.randn(8).bfloat16()
+    opt.step()
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    for bad in ({"master_weights": True, "kahan_summation": True}, {"master_weights": "yes"},
+                {"state_dtype": "int4"}):
+        group = opt.param_groups[0]
+        saved = dict(group)
+        group.update(bad)
+        with pytest.raises(ValueError):
+            opt.step()
+        group.clear()
+        group.update(saved)
+        assert torch.equal(p, before[0])
+        assert all(torch.equal(opt.state[p][k], v) and opt.state[p][k].dtype == v.dtype
+                   for k, v in before[1].items())
+    # an fp16 param cannot round stochastically: the failed step converts nothing, and
+    # reverting the options leaves a working optimizer
+    h = torch.nn.Parameter(torch.randn(8).half())
+    opt.add_param_group({"params": [h]})
+    opt.param_groups[0]["state_dtype"] = torch.float32
+    opt.param_groups[1]["stochastic_rounding"] = True
+    p.grad, h.grad = torch.randn(8).bfloat16(), torch.randn(8).half()
+    with pytest.raises(NotImplementedError):
+        opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+    opt.param_groups[0]["state_dtype"] = None
+    opt.param_groups[1]["stochastic_rounding"] = False
+    opt.step()
+
+
+def test_copies_and_checkpoints_keep_the_rounding_state():
+    """deepcopy continues with the same random bits (and draws nothing from torch's
+    generator); a checkpoint from another device continues there; a malformed rounding entry,
+    or a malformed extra state, is refused before anything changes."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(300).bfloat16())
+    opt = fusedopt.SGD([p], lr=1e-3, stochastic_rounding=True, backend="reference")
+    p.grad = torch.randn(300).bfloat16()
+    opt.step()
+    twin = copy.deepcopy(opt)
+    q = next(iter(twin.param_groups[0]["params"]))
+    g = torch.randn(300).bfloat16()
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    generator = torch.get_rng_state()
+    twin.step()
+    assert torch.equal(generator, torch.get_rng_state())  # the copy drew no new seed
+    assert torch.equal(p, q)
+    saved = copy.deepcopy(opt.state_dict())
+    saved[precision.ROUNDING_KEY]["counts"] = {"cuda:3": saved[precision.ROUNDING_KEY][
+        "counts"]["cpu"]}  # saved by a rank on another device
+    r = torch.nn.Parameter(p.detach().clone())
+    resumed = fusedopt.SGD([r], lr=1e-3, backend="reference")
+    resumed.load_state_dict(saved)
+    g = torch.randn(300).bfloat16()
+    p.grad, r.grad = g.clone(), g.clone()
+    opt.step()
+    resumed.step()
+    assert torch.equal(p, r)
+    resumed.param_groups[0]["lr"] = 0.5
+    for bad in ({precision.ROUNDING_KEY: {"cpu": torch.tensor([1, 2])}},
+                {"state": {0: {"master_param": torch.zeros(5)}}}):
+        with pytest.raises(ValueError):
+            resumed.load_state_dict({**saved, **bad})
+        assert resumed.param_groups[0]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last"])
+def test_stochastic_rounding_kernel_bits_follow_memory_order(layout, kernel_device):
+    """The random bits of an element are keyed by its place in memory, on both paths."""
+    results = []
+    for backend in ("triton", "reference"):
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(1)
+        if layout == "transposed":
+            p = torch.nn.Parameter(torch.randn(30, 40, generator=gen).bfloat16().t())
+        else:
+            p = torch.nn.Parameter(torch.randn(2, 3, 4, 5, generator=gen).bfloat16()
+                                   .to(memory_format=torch.channels_last))
+        p.data = p.data.to(kernel_device)
+        opt = fusedopt.SGD([p], lr=3e-3, stochastic_rounding=True, backend=backend)
+        p.grad = torch.randn(p.shape, generator=gen).bfloat16().to(kernel_device)
+        opt.step()
+        results.append(p.detach().cpu())
+    assert torch.equal(*results)
+
+
+def test_adagrad_state_before_the_first_step_is_in_the_modes_dtype():
+    """Adagrad makes its state in torch's constructor: with master weights it is remade in
+    fp32 at its initial value, so a state_dict taken before any step loads anywhere."""
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    opt = fusedopt.Adagrad([p], initial_accumulator_value=0.3, master_weights=True,
+                           backend="reference")
+    state = opt.state[p]["sum"]
+    assert state.dtype == torch.float32 and torch.equal(state, torch.full((4,), 0.3))
+    saved = opt.state_dict()
+    fusedopt.Adagrad([torch.nn.Parameter(p.detach().clone())]).load_state_dict(saved)
+    torch.optim.Adagrad([torch.nn.Parameter(p.detach().float())]).load_state_dict(
+        precision.torch_state_dict(saved))
+
+
+def test_float64_params_with_bf16_states(kernel_device):
+    """fp64 params with bf16 states: the kernel rounds through fp32, as torch converts."""
+    results = []
+    for backend in ("triton", "reference"):
+        gen = torch.Generator().manual_seed(2)
+        p = torch.nn.Parameter(torch.randn(300, generator=gen, dtype=torch.float64)
+                               .to(kernel_device))
+        opt = fusedopt.Adam([p], lr=1e-2, state_dtype="bf16", backend=backend)
+        for _ in range(2):
+            p.grad = torch.randn(300, generator=gen, dtype=torch.float64).to(kernel_device)
+            opt.step()
+        results.append((p.detach().cpu(), opt.state[p]["exp_avg"].cpu()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-14)
+    assert torch.equal(results[0][1], results[1][1])
