@@ -33,7 +33,7 @@ from fusedopt import precision
 from fusedopt.backend import check_backend_name, resolve_backend
 from fusedopt.kernels.algorithms import Algorithm
 from fusedopt.kernels.variant import Precision, Variant
-from fusedopt.state import StateOfBucket, WatchedStates, check_existing_state, state_dtype
+from fusedopt.state import StateOfBucket, WatchedStates, check_existing_state, stored_dtype
 from fusedopt.table import TensorTable, WrittenMemory
 from fusedopt.tensors import (
     check_grad,
@@ -208,14 +208,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         exactly torch's unless an option is used."""
         options = {name: value for name, value in options.items()
                    if value != precision.OPTIONS.get(name, value)}
-        if options.get("stochastic_rounding"):
-            self._rounding_seed()  # drawn now: reproducible from torch.manual_seed before
         self.defaults.update(options)
         owner = f"fusedopt.{type(self).__name__}"
         for group in self.param_groups:
             for name, value in options.items():
                 group.setdefault(name, value)
             precision.check_options(owner, group)  # (a group's own option with the defaults)
+        if any(g.get("stochastic_rounding") for g in self.param_groups):
+            self._rounding_seed()  # drawn now: reproducible from torch.manual_seed before
         # state torch's constructor made (Adagrad's sum) in another dtype than the precision
         # mode keeps it in: made again at the first step, from its initial value
         self._states_in_their_dtypes(remake=True)
@@ -237,6 +237,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._step_supports_amp_scaling = True
         self.state = WatchedStates(self.state)
         self._seen_state_changes = -1
+        # the precision options the states are kept for (construction, loading, a step)
+        self._group_precision_seen = self._precision_options()
         if "_compile_handle" not in self.__dict__:  # registered eagerly: dynamo only reads it
             from fusedopt import compiled
 
@@ -355,7 +357,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                   tuple(flags.values()), real_dtype(p), precision=mode)
                 for name in variant.tensors:
                     value = kept.get((g, i, name), dict.get(state, name))
-                    dtype = state_dtype(p, name, variant.dtype_of)
+                    dtype = stored_dtype(p, name, variant.dtype_of)
                     if isinstance(value, Tensor) and value.dtype != dtype:
                         if remake:  # made by torch's constructor: made again, in its dtype
                             state[name] = torch.full_like(
@@ -462,12 +464,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         # A mapping the user assigned to ``optimizer.state`` is torch's state from then on (what
         # they put in it later must be used): nobody counts its changes, so every step rebuilds.
         watched = type(self.state) is WatchedStates
-        precision_changed = (self._buckets is not None
-                             and self._precision_options() != self._group_precision_seen)
+        precision_changed = self._precision_options() != self._group_precision_seen
         if (self._buckets is None or not watched
                 or self.state.changes[0] != self._seen_state_changes
                 or not self._same_groups(flags) or precision_changed):
-            buckets = self._make_buckets(flags)  # (raises before anything changes)
+            buckets = self._make_buckets(flags)  # (every group's options checked first)
             if precision_changed:  # a group's precision options changed: states follow
                 self._states_in_their_dtypes()
                 self._seen_state_changes = getattr(self.state, "changes", [-1])[0]
@@ -736,9 +737,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _rounding_state(self, device: torch.device) -> Tensor:
         """Stochastic rounding's ``int64[3]`` device tensor for ``device``: (seed, launch
-        count, 0). The seed is :meth:`_rounding_seed`, the same on every device (so that
-        replicas of a param, DDP's, round alike); the kernels advance the count on the device.
-        Saved in ``state_dict()`` (see :data:`precision.ROUNDING_KEY`)."""
+        count, programs done: 0 between launches). The seed is :meth:`_rounding_seed`, the
+        same on every device; the kernels advance the count on the device. Saved in
+        ``state_dict()`` (see :data:`precision.ROUNDING_KEY`)."""
         states = self.__dict__.setdefault("_rounding", {})
         key = str(device)
         if key not in states:

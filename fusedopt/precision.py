@@ -16,13 +16,13 @@ options, kept in each param group like torch's own options (so groups can differ
   dtype; param + compensation is the value the update reads, and keeps what rounding the param
   loses.
 * ``state_dtype``: the dtype of the algorithm's states (``torch.bfloat16``, ``torch.float16``
-  or ``torch.float32``, or their names: ``"bf16"``, ``"fp32"``...); by default the dtype the
-  update works on (fp32 with master weights, else the param's, as torch.optim).
+  or ``torch.float32``, or their names: ``"bf16"``, ``"fp32"``...); by default the param's
+  (as torch.optim), fp32 with master weights. The update's math runs in fp32 in any case.
 
 The first three apply to low-precision params only: fp32/fp64 params in the same group are
 updated as usual. They exclude each other (each is another way of keeping the param's lost
 bits). Whole-tensor and sparse updates (Adafactor, Muon, SparseAdam) and L-BFGS do not take
-them.
+them; stochastic rounding and Kahan summation do not take FSDP2's sharded params yet.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from fusedopt.kernels.variant import KAHAN, MASTER, Precision
+from fusedopt.tensors import is_dtensor
 
 #: The options and their defaults.
 OPTIONS = {"master_weights": False, "stochastic_rounding": False, "kahan_summation": False,
@@ -93,6 +94,9 @@ def precision_of(group: dict[str, Any], p: Tensor, owner: str) -> Precision:
                                   "parameter can take master_weights or kahan_summation")
     if p.is_complex() and (state_dtype is not None or write != "nearest"):
         raise NotImplementedError(f"{owner}: the precision options with complex parameters")
+    if write in ("stochastic", "kahan") and is_dtensor(p):
+        raise NotImplementedError(f"{owner}: {write} rounding with sharded (FSDP2/DTensor) "
+                                  "parameters is not supported yet; master_weights is")
     default = torch.float32 if write == "master" else dtype
     if state_dtype == default:
         state_dtype = None
@@ -117,21 +121,22 @@ def check_rounding_state(saved: Any, owner: str) -> tuple[int, dict[str, int]] |
 def torch_state_dict(state_dict: dict[str, Any], dtype: torch.dtype = torch.float32
                      ) -> dict[str, Any]:
     """A fusedopt state_dict in torch.optim's format, for checkpoints that leave fusedopt:
-    every floating-point state tensor copied in ``dtype`` (float32 by default; states kept in
-    bf16 are widened), the precision modes' own states (``master_param``, ``kahan_comp``) and
-    options left out. The result loads into the torch.optim twin (which casts the states to
-    its params' dtype) and into a fusedopt optimizer without precision options.
+    every floating-point state tensor copied in at least ``dtype`` (float32 by default: states
+    kept in bf16 are widened, fp64 ones stay), the precision modes' own states
+    (``master_param``, ``kahan_comp``) and options left out. The result loads into the
+    torch.optim twin (which casts the states to its params' dtype) and into a fusedopt
+    optimizer without precision options.
 
     The master weights are the model's full-precision values: to leave fusedopt with them,
-    copy each ``state["master_param"]`` into a float32 model (:func:`master_params`)."""
-    def converted(name: str, value: Any) -> Any:
+    copy :func:`master_params` into a float32 model."""
+    def converted(value: Any) -> Any:
         if not isinstance(value, Tensor):
             return value
         if value.is_floating_point() and value.dim():  # a state tensor (not a scalar state)
-            return value.to(dtype, copy=True)
+            return value.to(torch.promote_types(value.dtype, dtype), copy=True)  # (widened)
         return value.clone()  # (a copy: nothing is shared with the live optimizer)
 
-    state = {key: {name: converted(name, value) for name, value in values.items()
+    state = {key: {name: converted(value) for name, value in values.items()
                    if name not in EXTRAS}
              for key, values in state_dict["state"].items()}
     groups = [{k: v for k, v in group.items() if k not in OPTIONS}
@@ -142,20 +147,20 @@ def torch_state_dict(state_dict: dict[str, Any], dtype: torch.dtype = torch.floa
 
 
 def master_params(optimizer) -> list[Tensor]:
-    """Each param's full-precision value, in param-group order: its fp32 master copy where
-    its precision mode keeps one (and the param still is the master's rounding), its Kahan
-    pair summed in fp32 where its mode keeps one, else the param itself."""
+    """Each param's full-precision value, in param-group order: the value its next update
+    would start from (:func:`fusedopt.reference.working_value`): its fp32 master where its
+    precision mode keeps one, its Kahan pair summed in fp32 where its mode keeps one (in each
+    case unless the user changed the param since), else the param itself."""
+    from fusedopt.reference import working_value
+
     out = []
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state.get(p, {})
             write = optimizer._precision(group, p).write
-            master, compensation = state.get(MASTER), state.get(KAHAN)
-            if (write == "master" and isinstance(master, Tensor)
-                    and torch.equal(master.to(p.dtype), p.detach())):
-                out.append(master)
-            elif write == "kahan" and isinstance(compensation, Tensor):
-                out.append(p.detach().float() + compensation.float())
+            extra = state.get(MASTER if write == "master" else KAHAN)
+            if write in ("master", "kahan") and isinstance(extra, Tensor):
+                out.append(working_value(p.detach(), extra, write))
             else:
                 out.append(p.detach())
     return out

@@ -509,6 +509,26 @@ def round_stochastic(x: Tensor, seed: int, count: int, tensor_index: int) -> Ten
         torch.bfloat16)
 
 
+def working_value(param: Tensor, extra: Tensor | None, write: str) -> Tensor:
+    """The value a precision mode's update works on (in the opmath dtype): the param; its
+    master (``write`` "master"), where the param still is the master's rounding (a param the
+    user changed is taken as it is); or param + compensation ("kahan"), where the compensation
+    is at most half an ulp of the param, as each step leaves it (a larger one was left for
+    another value: the user changed the param, which is taken as it is)."""
+    working = param.to(_opmath(param.dtype))
+    if write == "master":
+        return torch.where(extra.to(param.dtype).to(working.dtype) == working, extra, working)
+    if write == "kahan":
+        power = (working.view(torch.int32) & 0x7F800000).view(torch.float32)
+        if param.dtype == torch.bfloat16:
+            half_ulp = torch.clamp(power * 2.0 ** -8, min=2.0 ** -134)
+        else:
+            half_ulp = torch.clamp(power * 2.0 ** -11, min=2.0 ** -25)
+        compensation = extra.to(working.dtype)
+        return torch.where(compensation.abs() <= half_ulp, working + compensation, working)
+    return working
+
+
 def precise_update(update, param: Tensor, grad: Tensor, states: dict[str, Tensor | None],
                    extra: Tensor | None, *, write: str, rng: tuple[int, int, int] | None,
                    **arguments) -> None:
@@ -524,16 +544,7 @@ def precise_update(update, param: Tensor, grad: Tensor, states: dict[str, Tensor
     what the rounding lost, itself rounded), or stochastically (``rng``: seed, launch count,
     the param's index in its bucket)."""
     compute = _opmath(param.dtype)
-    working = param.to(compute)
-    if write == "master":
-        working = torch.where(extra.to(param.dtype).to(compute) == working, extra, working)
-    elif write == "kahan":
-        # a compensation is at most half an ulp of its param, as each step leaves it; a
-        # larger one was left for another value (the user changed the param): dropped
-        power = (working.view(torch.int32) & 0x7F800000).view(torch.float32)
-        half_ulp = power * (2.0 ** -8 if param.dtype == torch.bfloat16 else 2.0 ** -11)
-        compensation = extra.to(compute)
-        working = torch.where(compensation.abs() <= half_ulp, working + compensation, working)
+    working = working_value(param, extra, write)
     upcast = {name: None if s is None else s.to(compute) for name, s in states.items()}
     update(working, grad.to(compute), **upcast, **arguments)
     for name, s in states.items():

@@ -35,7 +35,7 @@ class ReferenceRunner:
     """The readable path: the algorithm's reference function, param by param (through
     :func:`fusedopt.reference.precise_update` in a precision mode)."""
 
-    rng: Tensor | None = None  # stochastic rounding's (seed, launch count, 0)
+    rng: Tensor | None = None  # stochastic rounding's (seed, launch count, programs done)
 
     def __init__(self, variant, table: TensorTable, groups: list[int],
                  fresh: list[Tensor | None]):
@@ -88,7 +88,7 @@ class TritonRunner:
     """The kernel path: a device copy of the table (addresses, sizes, groups, the fresh flags
     and scalar addresses), the chunk work list, and one launch per step."""
 
-    rng: Tensor | None = None  # stochastic rounding's (seed, launch count, 0)
+    rng: Tensor | None = None  # stochastic rounding's (seed, launch count, programs done)
 
     def __init__(self, variant, table: TensorTable, groups: list[int],
                  fresh: list[Tensor | None], device: torch.device):

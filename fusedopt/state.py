@@ -96,7 +96,7 @@ for _name in ("__getitem__", "get", "values", "items", "__iter__", "copy", "__or
 del _cls, _name
 
 
-def state_dtype(p: Tensor, name: str, dtype_of: Callable[[str], torch.dtype] | None
+def stored_dtype(p: Tensor, name: str, dtype_of: Callable[[str], torch.dtype] | None
                 ) -> torch.dtype:
     """The dtype state ``name`` of ``p`` is kept in: ``dtype_of(name)`` (a variant's, which
     names real dtypes: a complex param's states are complex, of that real dtype's width), or
@@ -180,7 +180,7 @@ class StateOfBucket:
         for name in self.names:
             value = dict.get(state, name)
             if value is None:
-                dtype = state_dtype(p, name, self.dtype_of)
+                dtype = stored_dtype(p, name, self.dtype_of)
                 # (a precision mode's compensation starts at 0, not at the spec's initial
                 # value: Adagrad's is its accumulator's)
                 init = 0.0 if name in self.extras else self.opt._state_init(name, group)
@@ -246,7 +246,7 @@ def check_existing_state(opt, p: Tensor, names: tuple[str, ...], owner: str, whe
             raise ValueError(f"{owner}: state {name!r} of {where} is a "
                              f"{type(value).__name__}, not a tensor")
         shape = opt._state_shape(name, p)
-        dtype = state_dtype(p, name, dtype_of)
+        dtype = stored_dtype(p, name, dtype_of)
         if value.dtype != dtype or value.device != p.device or value.shape != shape:
             expected = "" if shape == p.shape else f" (so {name!r} has shape {tuple(shape)})"
             kept = ("the parameter's dtype" if dtype == p.dtype else

@@ -116,8 +116,9 @@ def vector_elements(dtype: torch.dtype) -> int:
 
 
 def variant_vector(variant: Variant) -> int:
-    """Elements per thread per block: 16 bytes of the variant's narrowest storage (a wider
-    state then takes two or four 16-byte accesses per block)."""
+    """Elements per thread per block: 16 bytes of the variant's widest storage (a narrower
+    tensor then takes 8- or 4-byte accesses: registers stay those of one 16-byte vector per
+    tensor)."""
     return min(vector_elements(variant.dtype_of(name)) for name in ("param", *variant.tensors))
 
 
@@ -284,10 +285,11 @@ def _load_raw(param, grad, states, offs, mask, NUM_STATES: tl.constexpr):
 def _round_stochastic(x, rng, offs):
     """Round fp32 ``x`` to bf16 stochastically: up (in magnitude) with probability equal to
     its distance from the bf16 value below, in ulps, so that the rounding is unbiased. The
-    16 random bits of an element come from Philox (10 rounds) keyed by the optimizer's seed,
-    with the counter (element index, tensor index, step count): ``rng`` is (seed, step count,
-    tensor index), ``offs`` the elements' indices in their tensor. Infinities and NaNs are kept;
-    a value rounded up past the largest bf16 becomes infinity, as in round to nearest."""
+    16 random bits of an element come from Philox (10 rounds) keyed by the optimizer's
+    seed, with the counter (element index, tensor index, launch count): ``rng`` is (seed,
+    launch count, tensor index), ``offs`` the elements' indices in their tensor. Infinities
+    and NaNs are kept; a value rounded up past the largest bf16 becomes infinity, as in round
+    to nearest."""
     seed, count, t = rng
     offs = offs.to(tl.int64)  # (the head's offsets are int32 lanes)
     low = offs.to(tl.uint32)
@@ -298,6 +300,19 @@ def _round_stochastic(x, rng, offs):
     rounded = ((raw + (bits & 0xFFFF)) & 0xFFFF0000).to(tl.float32, bitcast=True)
     special = (raw & 0x7F800000) == 0x7F800000  # inf or NaN: nothing to round
     return tl.where(special, x, rounded).to(tl.bfloat16)
+
+
+@triton.jit
+def _half_ulp(p, STORAGE: tl.constexpr):
+    """Half an ulp of the bf16/fp16 values ``p`` (fp32): 2**exponent(p) times 2**-8 (bf16's
+    7 stored mantissa bits) or 2**-11 (fp16's 10), and at least half the dtype's smallest
+    subnormal (2**-134, 2**-25)."""
+    power = (p.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    if STORAGE == tl.bfloat16:
+        half = tl.maximum(power * 0.00390625, 4.591774807899561e-41)
+    else:
+        half = tl.maximum(power * 0.00048828125, 2.9802322387695312e-08)
+    return half
 
 
 @triton.jit
@@ -316,9 +331,7 @@ def _working_param(raw, NUM_STATES: tl.constexpr, COMPUTE: tl.constexpr,
         p = tl.where(same, master, p)
     elif PRECISION[P_WRITE] == WRITE_KAHAN:
         compensation = raw[2 + NUM_STATES - 1].to(COMPUTE)
-        # 2**exponent(p) times 2**-8 (bf16's 7 stored mantissa bits) or 2**-11 (fp16's 10)
-        power = (p.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-        half_ulp = power * (0.00390625 if STORAGE == tl.bfloat16 else 0.00048828125)
+        half_ulp = _half_ulp(p, STORAGE)
         p = tl.where(tl.abs(compensation) <= half_ulp, p + compensation, p)
     return p
 
@@ -821,7 +834,8 @@ def launch(variant: Variant, *, tensors: torch.Tensor, num_tensors: int, work: t
     the step launch zeroes it again). ``grad_scale`` / ``found_inf``: AMP's float32 scalars on
     this device, and ``clip_coef`` a float32 scalar the grads are multiplied by; present
     exactly when ``variant`` says so. ``rng``: stochastic rounding's ``int64[3]`` device
-    tensor (seed, launch count, 0; see :func:`multi_tensor_step`). ``prepared``: a dict the
+    tensor (seed, launch count, finished programs: 0 between launches; see
+    :func:`multi_tensor_step`). ``prepared``: a dict the
     caller keeps for its launches (a bucket's): its :class:`Prepared` kernels skip the JIT's
     per-call binding.
     """

@@ -19,8 +19,8 @@ KAHAN = "kahan_comp"
 class Precision:
     """How a bucket keeps its numbers, beyond the param's dtype.
 
-    * ``state_dtype``: the storage dtype of the algorithm's states; None: the dtype the update
-      works on (float32 with a master copy, else the param's).
+    * ``state_dtype``: the storage dtype of the algorithm's states; None: the param's (float32
+      with a master copy).
     * ``write``: how the updated param is stored:
 
       - ``"nearest"``: rounded to nearest even (torch's way);
@@ -30,7 +30,8 @@ class Precision:
         equal to the distance from the value below, in ulps);
       - ``"kahan"``: param + ``kahan_comp`` (both in the param's dtype) is the value the
         update reads; the new value ``x`` is stored as ``p = round(x)`` and
-        ``kahan_comp = round(x - p)``, so the pair keeps about twice the param's bits.
+        ``kahan_comp = round(x - p)``, so the pair keeps about twice bf16's bits (an fp16
+        compensation underflows into subnormals for params below about 2**-4).
     """
 
     state_dtype: torch.dtype | None = None
@@ -44,6 +45,17 @@ class Precision:
     def extras(self) -> tuple[str, ...]:
         """The extra state tensors this mode keeps (after the algorithm's states)."""
         return {"master": (MASTER,), "kahan": (KAHAN,)}.get(self.write, ())
+
+    def dtype_of(self, name: str, param_dtype: torch.dtype) -> torch.dtype:
+        """The storage dtype of ``name`` ("param", a state or an extra) for params of
+        ``param_dtype``."""
+        if name == MASTER:
+            return torch.float32
+        if name in ("param", KAHAN):
+            return param_dtype
+        if self.state_dtype is not None:
+            return self.state_dtype
+        return torch.float32 if self.write == "master" else param_dtype
 
 
 @dataclass(frozen=True)
@@ -80,17 +92,11 @@ class Variant:
     @property
     def state_storage(self) -> torch.dtype:
         """The storage dtype of the algorithm's states."""
-        if self.precision.state_dtype is not None:
-            return self.precision.state_dtype
-        return torch.float32 if self.precision.write == "master" else self.dtype
+        return self.precision.dtype_of("state", self.dtype)
 
     def dtype_of(self, name: str) -> torch.dtype:
         """The storage dtype of ``name``: "param" (and its grad), a state, or an extra."""
-        if name == MASTER:
-            return torch.float32
-        if name in ("param", KAHAN):
-            return self.dtype
-        return self.state_storage
+        return self.precision.dtype_of(name, self.dtype)
 
     @property
     def mixed(self) -> bool:

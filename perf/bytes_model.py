@@ -66,7 +66,11 @@ def state_buffers(optimizer: str, hparams: Mapping[str, Any] | None = None) -> t
         raise UnknownNameError("optimizer", optimizer, list(specs))
     import torch
 
-    opt = specs[optimizer]([torch.zeros(1)], **dict(hparams or {}), backend="reference")
+    from fusedopt.precision import OPTIONS
+
+    # (the precision options change no state buffer; stochastic rounding would draw a seed)
+    plain = {k: v for k, v in dict(hparams or {}).items() if k not in OPTIONS}
+    opt = specs[optimizer]([torch.zeros(1)], **plain, backend="reference")
     return opt._variant_states(opt._group_flags(opt.param_groups[0]))
 
 
@@ -107,16 +111,19 @@ def _precision_sizes(dtype: str, hparams: Mapping[str, Any] | None,
                      state_dtype: str | None = None) -> tuple[int, int]:
     """(bytes of a state element, bytes of the precision mode's extra state element) for
     params of ``dtype`` with the precision options in ``hparams``."""
-    hp = dict(hparams or {})
-    low = canonical_dtype(dtype) in ("bf16", "fp16")
-    master = bool(hp.get("master_weights")) and low
-    kahan = bool(hp.get("kahan_summation")) and low
-    chosen = state_dtype or hp.get("state_dtype")
-    if chosen is not None and not isinstance(chosen, str):
-        chosen = str(chosen).removeprefix("torch.")
-    s = DTYPE_BYTES[canonical_dtype(chosen or ("fp32" if master else dtype))]
-    extra = 4 if master else DTYPE_BYTES[canonical_dtype(dtype)] if kahan else 0
-    return s, extra
+    import dataclasses
+
+    import torch
+
+    from fusedopt.precision import precision_of, state_dtype_of
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                   "fp64": torch.float64}[canonical_dtype(dtype)]
+    mode = precision_of(dict(hparams or {}), torch.empty(0, dtype=torch_dtype), "bytes model")
+    if state_dtype is not None:
+        mode = dataclasses.replace(mode, state_dtype=state_dtype_of(canonical_dtype(state_dtype)))
+    extra = sum(mode.dtype_of(name, torch_dtype).itemsize for name in mode.extras)
+    return mode.dtype_of("state", torch_dtype).itemsize, extra
 
 
 def state_bytes_per_param(optimizer: str, dtype: str = "fp32",

