@@ -225,6 +225,14 @@ def adapter(algorithm: Algorithm, kind: str, present: tuple[str, ...]):
 # ---- what one launch is compiled with -----------------------------------------------------------
 
 
+def prefetch(variant: Variant) -> int:
+    """Blocks whose loads are in flight while one is computed: PREFETCH, but 1 for Kahan's
+    compensation (a fifth bf16 tensor) and stochastic rounding's Philox bits, whose two-block
+    builds take 128-154 registers and spill with triton 3.6 (122 and none with one block;
+    which is faster needs a GPU)."""
+    return 1 if variant.precision.write in ("kahan", "stochastic") else PREFETCH
+
+
 def constexprs(variant: Variant, kernel: str = "step", interpreting: bool = False) -> dict:
     """The constexpr arguments of ``multi_tensor_step`` (kernel="step") or
     ``multi_tensor_sums`` (kernel="sums") for ``variant``."""
@@ -239,7 +247,7 @@ def constexprs(variant: Variant, kernel: str = "step", interpreting: bool = Fals
         NUM_SUMS=len(alg.sums), UNSCALE=variant.unscale, SKIP_ON_INF=variant.skip_on_inf,
         CLIP=variant.clip, SCALE_GRADS=variant.unscale or variant.clip,
         STORAGE=_TL_DTYPES[variant.dtype], COMPUTE=_TL_DTYPES[variant.compute],
-        BLOCK=THREADS * vector, ITERS=ITERS, VECTOR=vector, PREFETCH=PREFETCH,
+        BLOCK=THREADS * vector, ITERS=ITERS, VECTOR=vector, PREFETCH=prefetch(variant),
         THREADS=THREADS, CHECK_ALIGNMENT=interpreting, ROUND_BF16_BY_HAND=interpreting,
         PRECISION=(_TL_DTYPES[variant.state_storage],
                    _TL_DTYPES[variant.dtype_of(extras[0]) if extras else variant.dtype],
