@@ -39,6 +39,10 @@ from fusedopt.tensors import is_dtensor
 OPTIONS = {"master_weights": False, "stochastic_rounding": False, "kahan_summation": False,
            "state_dtype": None}
 STATE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+EXTRAS = (MASTER, KAHAN)
+#: The state_dict key of stochastic rounding's seed and launch count (per device).
+ROUNDING_KEY = "fusedopt_stochastic_rounding"
 _STATE_DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                       "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
                       "float32": torch.float32, "float": torch.float32}
@@ -52,10 +56,6 @@ def state_dtype_of(value: Any) -> torch.dtype | None:
         return _STATE_DTYPE_NAMES[value.lower()]
     raise ValueError(f"state_dtype must be None, torch.bfloat16, torch.float16 or "
                      f"torch.float32 (or 'bf16', 'fp16', 'fp32'), not {value!r}")
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-EXTRAS = (MASTER, KAHAN)
-#: The state_dict key of stochastic rounding's seed and launch count (per device).
-ROUNDING_KEY = "fusedopt_stochastic_rounding"
 
 
 def check_options(owner: str, group: dict[str, Any]) -> None:
@@ -95,8 +95,9 @@ def precision_of(group: dict[str, Any], p: Tensor, owner: str) -> Precision:
     if p.is_complex() and (state_dtype is not None or write != "nearest"):
         raise NotImplementedError(f"{owner}: the precision options with complex parameters")
     if write in ("stochastic", "kahan") and is_dtensor(p):
-        raise NotImplementedError(f"{owner}: {write} rounding with sharded (FSDP2/DTensor) "
-                                  "parameters is not supported yet; master_weights is")
+        option = "stochastic_rounding" if write == "stochastic" else "kahan_summation"
+        raise NotImplementedError(f"{owner}: {option} with sharded (FSDP2/DTensor) parameters "
+                                  "is not supported yet; master_weights is")
     default = torch.float32 if write == "master" else dtype
     if state_dtype == default:
         state_dtype = None
