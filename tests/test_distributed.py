@@ -97,31 +97,54 @@ def test_ddp_matches_torch(backend, request):
         assert moved > 1e-3, f"rank {rank}: the params barely moved"
 
 
+def _sharded_model(device: torch.device, world: int, dtype: torch.dtype = torch.float32):
+    """A function making the same small MLP each call, every Linear and the whole
+    ``fully_shard``-ed (FSDP2) over a ``world``-rank mesh on ``device``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # explicit: fully_shard's default mesh is on the accelerator, even for CPU ranks
+    mesh = init_device_mesh(device.type, (world,))
+
+    def model():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(13, 37), torch.nn.Tanh(),
+                                torch.nn.Linear(37, 3)).to(device, dtype)
+        for layer in m:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        return fully_shard(m, mesh=mesh)
+
+    return model
+
+
+def _resumed_from_checkpoint(model, make, trained, opt, checkpoint_dir: str):
+    """torch.distributed.checkpoint of ``opt``'s state, loaded into a fresh model (with
+    ``trained``'s weights) and optimizer (``make(model)``): (the model, the optimizer)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    dcp.save(get_optimizer_state_dict(trained, opt), checkpoint_id=checkpoint_dir)
+    resumed = model()
+    for p, q in zip(resumed.parameters(), trained.parameters()):
+        p.data.copy_(q.data)
+    opt2 = make(resumed)
+    state = get_optimizer_state_dict(resumed, opt2)
+    dcp.load(state, checkpoint_id=checkpoint_dir)
+    set_optimizer_state_dict(resumed, opt2, state)
+    return resumed, opt2
+
+
 def _fsdp_worker(rank: int, port: int, backend: str, dist_backend: str, world: int,
                  device: str, checkpoint_dir: str, results: dict) -> None:
     device = _join(rank, port, dist_backend, world, device)
     try:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            get_optimizer_state_dict,
-            set_optimizer_state_dict,
-        )
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
         import fusedopt
 
-        # explicit: fully_shard's default mesh is on the accelerator, even for CPU ranks
-        mesh = init_device_mesh(device.type, (world,))
-
-        def model():
-            torch.manual_seed(0)
-            m = torch.nn.Sequential(torch.nn.Linear(13, 37), torch.nn.Tanh(),
-                                    torch.nn.Linear(37, 3)).to(device)
-            for layer in m:
-                if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            return fully_shard(m, mesh=mesh)
+        model = _sharded_model(device, world)
 
         def make(cls, m, **extra):
             return cls(m.parameters(), lr=1e-2, weight_decay=0.1, **extra)
@@ -147,14 +170,9 @@ def _fsdp_worker(rank: int, port: int, backend: str, dist_backend: str, world: i
         train(ours, opt, batches[:STEPS], "fused")
         train(theirs, ref, batches[:STEPS], "torch")
         # distributed checkpoint of fusedopt's state, loaded into a fresh model + optimizer
-        dcp.save(get_optimizer_state_dict(ours, opt), checkpoint_id=checkpoint_dir)
-        resumed = model()
-        for p, q in zip(resumed.parameters(), ours.parameters()):
-            p.data.copy_(q.data)
-        opt2 = make(fusedopt.AdamW, resumed, backend=backend)
-        state = get_optimizer_state_dict(resumed, opt2)
-        dcp.load(state, checkpoint_id=checkpoint_dir)
-        set_optimizer_state_dict(resumed, opt2, state)
+        resumed, opt2 = _resumed_from_checkpoint(
+            model, lambda m: make(fusedopt.AdamW, m, backend=backend), ours, opt,
+            checkpoint_dir)
         train(resumed, opt2, batches[STEPS:], "fused")
         train(theirs, ref, batches[STEPS:], "torch")
 
@@ -184,26 +202,9 @@ def _fsdp_precision_worker(rank: int, port: int, backend: str, dist_backend: str
                            device: str, checkpoint_dir: str, results: dict) -> None:
     device = _join(rank, port, dist_backend, world, device)
     try:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            get_optimizer_state_dict,
-            set_optimizer_state_dict,
-        )
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
         import fusedopt
 
-        mesh = init_device_mesh(device.type, (world,))
-
-        def model():
-            torch.manual_seed(0)
-            m = torch.nn.Sequential(torch.nn.Linear(13, 37), torch.nn.Tanh(),
-                                    torch.nn.Linear(37, 3)).to(device, torch.bfloat16)
-            for layer in m:
-                if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            return fully_shard(m, mesh=mesh)
+        model = _sharded_model(device, world, torch.bfloat16)
 
         def make(m):
             return fusedopt.AdamW(m.parameters(), lr=1e-2, master_weights=True,
@@ -224,14 +225,7 @@ def _fsdp_precision_worker(rank: int, port: int, backend: str, dist_backend: str
         opt, straight_opt = make(ours), make(straight)
         train(ours, opt, batches[:STEPS])
         train(straight, straight_opt, batches)
-        dcp.save(get_optimizer_state_dict(ours, opt), checkpoint_id=checkpoint_dir)
-        resumed = model()
-        for p, q in zip(resumed.parameters(), ours.parameters()):
-            p.data.copy_(q.data)
-        opt2 = make(resumed)
-        state = get_optimizer_state_dict(resumed, opt2)
-        dcp.load(state, checkpoint_id=checkpoint_dir)
-        set_optimizer_state_dict(resumed, opt2, state)
+        resumed, opt2 = _resumed_from_checkpoint(model, make, ours, opt, checkpoint_dir)
         train(resumed, opt2, batches[STEPS:])
 
         def full(m):

@@ -252,23 +252,16 @@ def test_sparse_adam_matches_torch_on_an_embedding():
 def test_precision_modes_at_gpt2_sizes(options):
     """Each precision mode on the GPU at GPT-2 sizes, bf16 params (fp32 for bf16 states):
     one launch per step, and the kernels' results equal the reference path's on the same
-    device (the masters follow torch's fused fp32 AdamW)."""
+    device (but for the last-bit differences that flip a rounding)."""
     dtype = torch.float32 if "state_dtype" in options else torch.bfloat16
     ours = _gpt2_like(dtype)
     theirs = _clone(ours)
     torch.manual_seed(0)
-    opt = fusedopt.AdamW([p for g in ours for p in g], lr=1e-3, backend="triton", **options)
+    opt = fusedopt.AdamW(flat(ours), lr=1e-3, backend="triton", **options)
     torch.manual_seed(0)
-    ref = fusedopt.AdamW([p for g in theirs for p in g], lr=1e-3, backend="reference",
-                         **options)
+    ref = fusedopt.AdamW(flat(theirs), lr=1e-3, backend="reference", **options)
     launches = kernels.launch_count()
-    for step in range(STEPS):
-        grads = _grads(flat(ours), step)
-        set_grads(flat(ours), grads)
-        set_grads(flat(theirs), grads)
-        opt.step()
-        ref.step()
-    torch.cuda.synchronize()
+    _step_both(opt, ours, ref, theirs)
     assert kernels.launch_count() - launches == STEPS
     for p, q in zip(flat(ours), flat(theirs)):
         differ = (p != q).float().mean().item()
