@@ -31,8 +31,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fusedopt import precision
 from fusedopt.backend import check_backend_name, resolve_backend
+from fusedopt.kernels import quantization
 from fusedopt.kernels.algorithms import Algorithm
-from fusedopt.kernels.variant import Precision, Variant
+from fusedopt.kernels.variant import QUANTIZED, Precision, Variant
 from fusedopt.state import StateOfBucket, WatchedStates, check_existing_state, stored_dtype
 from fusedopt.table import TensorTable, WrittenMemory
 from fusedopt.tensors import (
@@ -96,7 +97,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         return None
 
     def _state_shape(self, name: str, p: Tensor) -> torch.Size:
-        """The shape of state ``name`` of ``p``: the param's (every element-wise update)."""
+        """The shape of state ``name`` of ``p``: the param's (every element-wise update), or
+        one value per quantization block for an 8-bit state's absmax."""
+        if name.endswith(quantization.ABSMAX_SUFFIX):
+            return torch.Size([quantization.num_blocks(p.numel())])
         return p.shape
 
     #: Sparse (COO) grads: "no" (refused, as torch's twin does), "rows" (accepted: the update
@@ -193,7 +197,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if twin is not None:
             check_options(name, twin, group, self.torch_options)
         if self.precision_modes:
-            precision.check_options(name, group)
+            precision.check_options(name, group, self.algorithm.states)
         else:
             chosen = [k for k, default in precision.OPTIONS.items()
                       if group.get(k, default) != default]
@@ -213,7 +217,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for name, value in options.items():
                 group.setdefault(name, value)
-            precision.check_options(owner, group)  # (a group's own option with the defaults)
+            # (a group's own option with the defaults)
+            precision.check_options(owner, group, self.algorithm.states)
         if any(g.get("stochastic_rounding") for g in self.param_groups):
             self._rounding_seed()  # drawn now: reproducible from torch.manual_seed before
         # state torch's constructor made (Adagrad's sum) in another dtype than the precision
@@ -355,18 +360,31 @@ class FusedOptimizer(torch.optim.Optimizer):
                         state[name] = kept[g, i, name]
                 variant = Variant(self.algorithm, self._variant_states(flags, self._param_kind(p)),
                                   tuple(flags.values()), real_dtype(p), precision=mode)
-                for name in variant.tensors:
+                for name in variant.element_tensors:
                     value = kept.get((g, i, name), dict.get(state, name))
                     dtype = stored_dtype(p, name, variant.dtype_of)
+                    scale = quantization.absmax_name(name)
+                    absmax = kept.get((g, i, scale), dict.get(state, scale))
                     if isinstance(value, Tensor) and value.dtype != dtype:
                         if remake:  # made by torch's constructor: made again, in its dtype
-                            state[name] = torch.full_like(
-                                value, self._state_init(name, group), dtype=dtype,
+                            value = torch.full_like(
+                                value, self._state_init(name, group),
+                                dtype=torch.float32 if dtype == QUANTIZED else dtype,
                                 memory_format=torch.preserve_format)
-                            continue
-                        state[name] = value.to(device=p.device, dtype=dtype)
-                    elif value is not dict.get(state, name):
-                        state[name] = value.to(device=p.device)
+                        elif value.dtype == QUANTIZED:  # 8-bit states kept in another dtype
+                            value = precision.dequantized(value.to(p.device),
+                                                          absmax.to(p.device), name)
+                            state.pop(scale, None)
+                        value = value.to(device=p.device)
+                        if dtype == QUANTIZED:
+                            state[name], state[scale] = precision.quantized(value, name)
+                        else:
+                            state[name] = value.to(dtype)
+                    elif isinstance(value, Tensor):
+                        if value is not dict.get(state, name):
+                            state[name] = value.to(device=p.device)
+                        if dtype == QUANTIZED and absmax is not dict.get(state, scale):
+                            state[scale] = absmax.to(device=p.device)
 
     def _completed_as_torch_would(self, saved_group: dict) -> dict:
         """A saved param group with the keys an older torch did not save filled in by the
@@ -417,6 +435,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                                          f"has shape {tuple(p.shape)}")
                 for k in names:
                     value = state[k]
+                    if isinstance(value, Tensor) and value.dtype == QUANTIZED:
+                        precision.check_quantized(value, state.get(quantization.absmax_name(k)),
+                                                  k, owner)
                     expected = self._state_shape(k, p)
                     if value is not None and (not isinstance(value, Tensor)
                                               or value.shape != expected):
@@ -708,7 +729,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         owner = f"fusedopt.{type(self).__name__}"
         for index, (group, group_flags) in enumerate(zip(self.param_groups, flags)):
             if self.precision_modes:  # (options set in a group between steps, too)
-                precision.check_options(owner, group)
+                precision.check_options(owner, group, self.algorithm.states)
             for p in group["params"]:
                 key = (p.device, real_dtype(p), tuple(group_flags.values()), self._param_kind(p),
                        self._precision(group, p))

@@ -18,10 +18,17 @@ options, kept in each param group like torch's own options (so groups can differ
 * ``state_dtype``: the dtype of the algorithm's states (``torch.bfloat16``, ``torch.float16``
   or ``torch.float32``, or their names: ``"bf16"``, ``"fp32"``...); by default the param's
   (as torch.optim), fp32 with master weights. The update's math runs in fp32 in any case.
+  ``"8bit"``: block-wise quantized states (:mod:`fusedopt.kernels.quantization`): each state
+  ``uint8`` codes shaped as the param, with its float32 ``<state>_absmax`` per block of 256
+  elements (bitsandbytes' dynamic code: signed for first moments and momenta, unsigned for
+  second moments and accumulators), dequantized in registers and requantized in the same
+  launch. Params of fewer than 4096 elements keep full-precision states (the default
+  dtype). Rprop and ASGD do not take it (their states are step sizes, previous grads and a
+  parameter average, not moment estimates), nor do sharded (FSDP2) params yet.
 
 The first three apply to low-precision params only: fp32/fp64 params in the same group are
 updated as usual. They exclude each other (each is another way of keeping the param's lost
-bits). Whole-tensor and sparse updates (Adafactor, Muon, SparseAdam) and L-BFGS do not take
+bits); each combines with any ``state_dtype``. Whole-tensor and sparse updates (Adafactor, Muon, SparseAdam) and L-BFGS do not take
 them; stochastic rounding and Kahan summation do not take FSDP2's sharded params yet.
 """
 
@@ -32,7 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fusedopt.kernels.variant import KAHAN, MASTER, Precision
+from fusedopt.kernels import quantization
+from fusedopt.kernels.variant import KAHAN, MASTER, QUANTIZED, Precision
 from fusedopt.tensors import is_dtensor
 
 #: The options and their defaults.
@@ -45,22 +53,23 @@ EXTRAS = (MASTER, KAHAN)
 ROUNDING_KEY = "fusedopt_stochastic_rounding"
 _STATE_DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                       "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
-                      "float32": torch.float32, "float": torch.float32}
+                      "float32": torch.float32, "float": torch.float32, "8bit": QUANTIZED}
 
 
 def state_dtype_of(value: Any) -> torch.dtype | None:
-    """The torch dtype a ``state_dtype`` option names (None: the default), or ValueError."""
+    """The torch dtype a ``state_dtype`` option names (None: the default; ``torch.uint8``:
+    8-bit states), or ValueError."""
     if value is None or value in STATE_DTYPES:
         return value
     if isinstance(value, str) and value.lower() in _STATE_DTYPE_NAMES:
         return _STATE_DTYPE_NAMES[value.lower()]
-    raise ValueError(f"state_dtype must be None, torch.bfloat16, torch.float16 or "
-                     f"torch.float32 (or 'bf16', 'fp16', 'fp32'), not {value!r}")
+    raise ValueError(f"state_dtype must be None, torch.bfloat16, torch.float16, "
+                     f"torch.float32 (or 'bf16', 'fp16', 'fp32') or '8bit', not {value!r}")
 
 
-def check_options(owner: str, group: dict[str, Any]) -> None:
-    """ValueError for a precision option of the wrong type, or options that exclude each
-    other; NotImplementedError for 8-bit states."""
+def check_options(owner: str, group: dict[str, Any], states: tuple[str, ...] = ()) -> None:
+    """ValueError for a precision option of the wrong type, options that exclude each
+    other, or 8-bit states for an algorithm whose ``states`` are not moment estimates."""
     for name in ("master_weights", "stochastic_rounding", "kahan_summation"):
         if not isinstance(group.get(name, False), bool):
             raise ValueError(f"{owner}: {name} must be True or False, not "
@@ -70,14 +79,16 @@ def check_options(owner: str, group: dict[str, Any]) -> None:
     if len(chosen) > 1:
         raise ValueError(f"{owner}: {' and '.join(chosen)} exclude each other (each keeps the "
                          "bits a low-precision param loses in its own way); choose one")
-    state_dtype = group.get("state_dtype")
-    if isinstance(state_dtype, str) and state_dtype.lower() in ("8bit", "int8", "uint8"):
-        raise NotImplementedError(f"{owner}: state_dtype='8bit' (block-wise quantized states) "
-                                  "is not implemented yet; use torch.bfloat16")
     try:
-        state_dtype_of(state_dtype)
+        state_dtype = state_dtype_of(group.get("state_dtype"))
     except ValueError as e:
         raise ValueError(f"{owner}: {e}") from None
+    if state_dtype == QUANTIZED and not quantization.quantizable(states):
+        others = [s for s in states if s not in quantization.SIGNED_STATES
+                  and s not in quantization.UNSIGNED_STATES]
+        raise ValueError(f"{owner}: state_dtype='8bit' quantizes moment estimates; "
+                         f"{', '.join(others)} are not (keep them in torch.bfloat16 or "
+                         "torch.float32)")
 
 
 def precision_of(group: dict[str, Any], p: Tensor, owner: str) -> Precision:
@@ -98,7 +109,12 @@ def precision_of(group: dict[str, Any], p: Tensor, owner: str) -> Precision:
         option = "stochastic_rounding" if write == "stochastic" else "kahan_summation"
         raise NotImplementedError(f"{owner}: {option} with sharded (FSDP2/DTensor) parameters "
                                   "is not supported yet; master_weights is")
+    if state_dtype == QUANTIZED and is_dtensor(p):
+        raise NotImplementedError(f"{owner}: state_dtype='8bit' with sharded (FSDP2/DTensor) "
+                                  "parameters is not supported yet; torch.bfloat16 is")
     default = torch.float32 if write == "master" else dtype
+    if state_dtype == QUANTIZED and p.numel() < quantization.MIN_NUMEL:
+        state_dtype = None  # (small params keep full-precision states)
     if state_dtype == default:
         state_dtype = None
     return Precision(state_dtype, write)
@@ -119,12 +135,43 @@ def check_rounding_state(saved: Any, owner: str) -> tuple[int, dict[str, int]] |
     return seed, dict(counts)
 
 
+def quantized(value: Tensor, name: str) -> tuple[Tensor, Tensor]:
+    """State ``name`` in 8 bits: (uint8 codes, float32 absmax per block)."""
+    from fusedopt.reference import quantize
+
+    return quantize(value, name not in quantization.UNSIGNED_STATES)
+
+
+def dequantized(codes: Tensor, absmax: Tensor, name: str) -> Tensor:
+    """The float32 values of 8-bit state ``name``."""
+    from fusedopt.reference import dequantize
+
+    return dequantize(codes, absmax, name not in quantization.UNSIGNED_STATES)
+
+
+def check_quantized(codes: Tensor, absmax: Any, name: str, owner: str) -> None:
+    """ValueError unless ``codes`` (a uint8 state) comes with its absmax: a float32 tensor
+    of one value per block, on the same device, of a state that can be kept in 8 bits."""
+    scale = quantization.absmax_name(name)
+    if name not in quantization.SIGNED_STATES and name not in quantization.UNSIGNED_STATES:
+        raise ValueError(f"{owner}: state {name!r} is uint8, but it is never kept in 8 bits")
+    blocks = quantization.num_blocks(codes.numel())
+    if (not isinstance(absmax, Tensor) or absmax.dtype != torch.float32
+            or absmax.shape != (blocks,) or absmax.device != codes.device):
+        found = "missing" if absmax is None else (
+            f"{absmax.dtype} {tuple(absmax.shape)} on {absmax.device}"
+            if isinstance(absmax, Tensor) else type(absmax).__name__)
+        raise ValueError(f"{owner}: the 8-bit state {name!r} needs {scale!r}, float32 of "
+                         f"shape ({blocks},) on {codes.device}; it is {found}")
+
+
 def torch_state_dict(state_dict: dict[str, Any], dtype: torch.dtype = torch.float32
                      ) -> dict[str, Any]:
     """A fusedopt state_dict in torch.optim's format, for checkpoints that leave fusedopt:
     every floating-point state tensor copied in at least ``dtype`` (float32 by default: states
-    kept in bf16 are widened, fp64 ones stay), the precision modes' own states
-    (``master_param``, ``kahan_comp``) and options left out. The result loads into the
+    kept in bf16 are widened, fp64 ones stay), 8-bit states dequantized (their absmax left
+    out), the precision modes' own states (``master_param``, ``kahan_comp``) and options left
+    out. The result loads into the
     torch.optim twin (which casts the states to its params' dtype) and into a fusedopt
     optimizer without precision options.
 
@@ -137,9 +184,15 @@ def torch_state_dict(state_dict: dict[str, Any], dtype: torch.dtype = torch.floa
             return value.to(torch.promote_types(value.dtype, dtype), copy=True)  # (widened)
         return value.clone()  # (a copy: nothing is shared with the live optimizer)
 
-    state = {key: {name: converted(value) for name, value in values.items()
-                   if name not in EXTRAS}
-             for key, values in state_dict["state"].items()}
+    def full_precision(values: dict[str, Any]) -> dict[str, Any]:
+        codes = {name: value for name, value in values.items()
+                 if isinstance(value, Tensor) and value.dtype == QUANTIZED}
+        scales = {quantization.absmax_name(name) for name in codes}
+        return {name: converted(dequantized(value, values[quantization.absmax_name(name)], name)
+                                if name in codes else value)
+                for name, value in values.items() if name not in EXTRAS and name not in scales}
+
+    state = {key: full_precision(values) for key, values in state_dict["state"].items()}
     groups = [{k: v for k, v in group.items() if k not in OPTIONS}
               for group in state_dict["param_groups"]]
     others = {k: v for k, v in state_dict.items()

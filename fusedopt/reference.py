@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor
 
+from fusedopt.kernels import quantization
 from fusedopt.kernels.algorithms import ALGORITHMS, TILED_ALGORITHMS
 
 # ---- pieces the algorithms share -------------------------------------------------------------
@@ -497,8 +498,7 @@ def round_stochastic(x: Tensor, seed: int, count: int, tensor_index: int) -> Ten
     probability ``f``: the rounding is unbiased. Infinities and NaNs are kept. An element's
     index is its place in memory (``x`` is dense, laid out as its param), as the kernels walk
     it."""
-    index = torch.arange(x.numel(), dtype=torch.int64, device=x.device)
-    index = torch.as_strided(index, x.shape, x.stride())
+    index = memory_index(x)
     bits = philox(seed, index & _WORD, index >> 32, torch.full_like(index, tensor_index),
                   torch.full_like(index, count & _WORD)) & 0xFFFF
     raw = x.view(torch.int32).to(torch.int64) & _WORD
@@ -529,9 +529,43 @@ def working_value(param: Tensor, extra: Tensor | None, write: str) -> Tensor:
     return working
 
 
+def memory_index(x: Tensor) -> Tensor:
+    """Each element's place in memory (``x`` dense, laid out as its param): the index the
+    kernels walk it by."""
+    index = torch.arange(x.numel(), dtype=torch.int64, device=x.device)
+    return torch.as_strided(index, x.shape, x.stride())
+
+
+def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """A state's values (rounded to float32) in 8 bits (:mod:`fusedopt.kernels.quantization`):
+    ``(codes, absmax)``, codes uint8 laid out as ``x``, absmax float32 per block of
+    ``BLOCK`` elements in memory order. Each element's code is the one nearest to
+    x / absmax of its block (ties to the lower code); a block of zeros has absmax 0 and the
+    code of 0."""
+    x = x.to(torch.float32)
+    blocks = memory_index(x) // quantization.BLOCK
+    absmax = torch.zeros(quantization.num_blocks(x.numel()), dtype=torch.float32,
+                         device=x.device)
+    absmax.scatter_reduce_(0, blocks.reshape(-1), x.abs().reshape(-1), "amax")
+    scale = absmax[blocks]
+    normalized = torch.where(scale > 0, x / scale, 0.0)
+    code = quantization.dynamic_code(signed).to(x.device)
+    low = (torch.searchsorted(code, normalized, right=True) - 1).clamp(0, 255)
+    high = (low + 1).clamp(max=255)
+    up = (code[high] - normalized) < (normalized - code[low])
+    return torch.where(up, high, low).to(torch.uint8), absmax
+
+
+def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
+    """The float32 values 8-bit states ``(codes, absmax)`` stand for: code times the
+    block's absmax."""
+    code = quantization.dynamic_code(signed).to(codes.device)
+    return code[codes.long()] * absmax[memory_index(codes) // quantization.BLOCK]
+
+
 def precise_update(update, param: Tensor, grad: Tensor, states: dict[str, Tensor | None],
                    extra: Tensor | None, *, write: str, rng: tuple[int, int, int] | None,
-                   **arguments) -> None:
+                   scales: dict[str, Tensor] | None = None, **arguments) -> None:
     """One update of a param in a precision mode (:class:`fusedopt.kernels.variant.Precision`),
     ``update`` being the algorithm's reference function.
 
@@ -542,13 +576,22 @@ def precise_update(update, param: Tensor, grad: Tensor, states: dict[str, Tensor
     each state is stored rounded to nearest even in its own dtype, and the param as the mode
     writes it: rounded to nearest (the master keeps the full value; Kahan's compensation keeps
     what the rounding lost, itself rounded), or stochastically (``rng``: seed, launch count,
-    the param's index in its bucket)."""
+    the param's index in its bucket). ``scales``: the absmax of each state kept in 8 bits
+    (:func:`quantize`), which the update reads dequantized and which is stored quantized
+    again."""
     compute = _opmath(param.dtype)
+    scales = scales or {}
     working = working_value(param, extra, write)
-    upcast = {name: None if s is None else s.to(compute) for name, s in states.items()}
+    upcast = {name: None if s is None else
+              dequantize(s, scales[name], name not in quantization.UNSIGNED_STATES).to(compute)
+              if name in scales else s.to(compute) for name, s in states.items()}
     update(working, grad.to(compute), **upcast, **arguments)
     for name, s in states.items():
-        if s is not None:
+        if s is not None and name in scales:
+            codes, absmax = quantize(upcast[name], name not in quantization.UNSIGNED_STATES)
+            s.copy_(codes)
+            scales[name].copy_(absmax)
+        elif s is not None:
             s.copy_(upcast[name])
     if write == "stochastic":
         param.copy_(round_stochastic(working, *rng))

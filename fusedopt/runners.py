@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fusedopt import reference
 from fusedopt.kernels import interpreting
+from fusedopt.kernels.quantization import absmax_name, code_table
 from fusedopt.kernels.variant import Precision
 from fusedopt.table import TensorTable
 from fusedopt.tensors import real
@@ -74,9 +75,12 @@ class ReferenceRunner:
                 self.update(real(p), real(g), **{**absent, **states}, **arguments)
                 continue
             extra = states.pop(mode.extras[0]) if mode.extras else None
+            scales = {name: states.pop(absmax_name(name)) for name in self.variant.states
+                      if mode.quantized}
             reference.precise_update(
                 self.update, real(p), real(g), {**absent, **states}, extra, write=mode.write,
-                rng=(seed, count, k) if self.rng is not None else None, **arguments)
+                rng=(seed, count, k) if self.rng is not None else None, scales=scales,
+                **arguments)
         for flag in self.fresh:
             if flag is not None:
                 flag.zero_()
@@ -110,7 +114,7 @@ class TritonRunner:
             cols["GROUP"][k] = groups[k]
             cols["FRESH"][k] = (fresh[k] if fresh[k] is not None else self.not_new).data_ptr()
             for j, s in enumerate(table.local_states[k]):
-                if s.stride() != p.stride():
+                if j < len(variant.element_tensors) and s.stride() != p.stride():
                     # The kernel indexes param and states alike: a state laid out otherwise
                     # (assigned by hand, torch updates it by logical index) is updated through
                     # a copy in the param's layout, copied back after the launch.
@@ -131,6 +135,7 @@ class TritonRunner:
         # per-tensor sums in the opmath dtype; the update launch re-zeroes them
         self.sums = (torch.zeros(n, len(variant.algorithm.sums), device=device,
                                  dtype=variant.compute) if variant.algorithm.sums else None)
+        self.codes = (code_table(device) if variant.precision.quantized else None)
         self.param_strides = [p.stride() for p in table.local_params]
         self.hyper_rows: list[tuple] | None = None
         self.hyper: Tensor | None = None
@@ -166,7 +171,7 @@ class TritonRunner:
                 variant, tensors=self.tensors, num_tensors=self.num_tensors, work=self.work,
                 num_work=self.num_work, hyper=self.hyper, done_counts=self.done_counts,
                 sums=self.sums, grad_scale=grad_scale, found_inf=found_inf,
-                clip_coef=clip_coef, rng=self.rng, interpreting=interpreting(),
+                clip_coef=clip_coef, rng=self.rng, codes=self.codes, interpreting=interpreting(),
                 prepared=self.prepared)
         for state, copy in self.state_copies:
             state.copy_(copy)

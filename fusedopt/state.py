@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fusedopt.kernels.variant import MASTER
+from fusedopt.kernels import quantization
+from fusedopt.kernels.variant import MASTER, QUANTIZED
 from fusedopt.tensors import describe
 
 
@@ -179,6 +180,11 @@ class StateOfBucket:
         tensors = []
         for name in self.names:
             value = dict.get(state, name)
+            if value is None and name.endswith(quantization.ABSMAX_SUFFIX):
+                raise ValueError(
+                    f"fusedopt.{type(self.opt).__name__}: state {name!r} is missing, and the 8-bit state "
+                    f"{name.removesuffix(quantization.ABSMAX_SUFFIX)!r} cannot be read without "
+                    "it (delete both to start that state afresh)")
             if value is None:
                 dtype = stored_dtype(p, name, self.dtype_of)
                 # (a precision mode's compensation starts at 0, not at the spec's initial
@@ -187,6 +193,17 @@ class StateOfBucket:
                 shape = self.opt._state_shape(name, p)
                 if name == MASTER:  # the param's value, in full precision
                     value = p.detach().to(dtype, memory_format=torch.preserve_format, copy=True)
+                elif dtype == QUANTIZED:  # 8-bit codes of the initial value, and their absmax
+                    from fusedopt.reference import quantize
+
+                    value, absmax = quantize(
+                        torch.full_like(p, init, dtype=torch.float32,
+                                        memory_format=torch.preserve_format),
+                        name not in quantization.UNSIGNED_STATES)
+                    scale = quantization.absmax_name(name)
+                    if dict.get(state, scale) is None:
+                        self.created.append((state, scale))
+                    state[scale] = absmax
                 elif shape != p.shape:  # a factored state (Adafactor's row and column factors)
                     value = torch.full(shape, init, dtype=dtype, device=p.device)
                 else:

@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedopt.kernels import quantization
 from fusedopt.kernels.algorithms import Algorithm
 from fusedopt.kernels.variant import Variant
 
@@ -67,11 +68,18 @@ WRITE_MASTER: tl.constexpr = tl.constexpr(2)
 WRITE_KAHAN: tl.constexpr = tl.constexpr(3)
 WRITES = {"nearest": 0, "stochastic": 1, "master": 2, "kahan": 3}
 # The PRECISION constexpr: (algorithm states' storage dtype, extra state's storage dtype,
-# number of extra states (0 or 1, after the algorithm's), WRITE)
+# number of extra states (0 or 1, after the algorithm's), WRITE, number of 8-bit states (0 or
+# all the algorithm's: their absmax columns follow the element-wise states'), a bit mask of
+# the 8-bit states whose code is the unsigned one)
 P_STATE: tl.constexpr = tl.constexpr(0)
 P_EXTRA: tl.constexpr = tl.constexpr(1)
 P_NUM_EXTRA: tl.constexpr = tl.constexpr(2)
 P_WRITE: tl.constexpr = tl.constexpr(3)
+P_NUM_SCALES: tl.constexpr = tl.constexpr(4)
+P_UNSIGNED: tl.constexpr = tl.constexpr(5)
+# 8-bit states: elements per absmax, entries per code (kernels/quantization.py)
+QUANT_BLOCK: tl.constexpr = tl.constexpr(quantization.BLOCK)
+CODE_SIZE: tl.constexpr = tl.constexpr(256)
 
 # A program handles one chunk of ITERS blocks; a block is one 16-byte vector per thread per
 # tensor (BLOCK = threads x elements per 16 bytes), so every access of the aligned path is one
@@ -119,7 +127,8 @@ def variant_vector(variant: Variant) -> int:
     """Elements per thread per block: 16 bytes of the variant's widest storage (a narrower
     tensor then takes 8- or 4-byte accesses: registers stay those of one 16-byte vector per
     tensor)."""
-    return min(vector_elements(variant.dtype_of(name)) for name in ("param", *variant.tensors))
+    return min(vector_elements(variant.dtype_of(name))
+               for name in ("param", *variant.element_tensors))
 
 
 def chunk_elements(variant: Variant) -> int:
@@ -128,6 +137,7 @@ def chunk_elements(variant: Variant) -> int:
 
 
 _TL_DTYPES = {
+    torch.uint8: tl.uint8,
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
     torch.float32: tl.float32,
@@ -241,17 +251,20 @@ def constexprs(variant: Variant, kernel: str = "step", interpreting: bool = Fals
     precision = variant.precision
     extras = precision.extras
     common = dict(
-        FLAGS=tuple(bool(f) for f in variant.flags), NUM_STATES=len(variant.tensors),
+        FLAGS=tuple(bool(f) for f in variant.flags), NUM_STATES=len(variant.element_tensors),
         NUM_HYPER=len(alg.hyper), NUM_SCALARS=len(alg.scalars), USES_STEP=alg.uses_step,
         ADVANCE=adapter(alg, "advance", variant.states) if alg.advanced else None,
         NUM_SUMS=len(alg.sums), UNSCALE=variant.unscale, SKIP_ON_INF=variant.skip_on_inf,
         CLIP=variant.clip, SCALE_GRADS=variant.unscale or variant.clip,
         STORAGE=_TL_DTYPES[variant.dtype], COMPUTE=_TL_DTYPES[variant.compute],
         BLOCK=THREADS * vector, ITERS=ITERS, VECTOR=vector, PREFETCH=prefetch(variant),
-        THREADS=THREADS, CHECK_ALIGNMENT=interpreting, ROUND_BF16_BY_HAND=interpreting,
+        # (8-bit states: element blocks of a whole quantization block)
+        THREADS=max(THREADS, quantization.BLOCK) if precision.quantized else THREADS,
+        CHECK_ALIGNMENT=interpreting, ROUND_BF16_BY_HAND=interpreting,
         PRECISION=(_TL_DTYPES[variant.state_storage],
                    _TL_DTYPES[variant.dtype_of(extras[0]) if extras else variant.dtype],
-                   len(extras), WRITES[precision.write]),
+                   len(extras), WRITES[precision.write], len(variant.scales),
+                   sum(1 << i for i, u in enumerate(variant.unsigned) if u)),
         ALIGNED_ONLY=variant.mixed or precision.write == "stochastic")
     if kernel == "sums":
         return dict(common, TERMS=adapter(alg, "terms", variant.states))
@@ -281,12 +294,64 @@ def _to_storage(x, STORAGE: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr):
 
 
 @triton.jit
-def _load_raw(param, grad, states, offs, mask, NUM_STATES: tl.constexpr):
-    """One block of the param, the grad and the present states, as stored."""
+def _load_raw(param, grad, states, offs, mask, NUM_STATES: tl.constexpr,
+              NUM_SCALES: tl.constexpr):
+    """One block of the param, the grad and the present states, as stored; then, for 8-bit
+    states (``states`` holds their absmax pointers after the element-wise states), each
+    element's block absmax."""
     raw = (tl.load(param + offs, mask=mask), tl.load(grad + offs, mask=mask))
     for i in tl.static_range(NUM_STATES):
         raw = raw + (tl.load(states[i] + offs, mask=mask),)
+    for i in tl.static_range(NUM_STATES, NUM_STATES + NUM_SCALES):
+        raw = raw + (tl.load(states[i] + offs // QUANT_BLOCK, mask=mask),)
     return raw
+
+
+@triton.jit
+def _state_values(raw, codes, NUM_STATES: tl.constexpr, COMPUTE: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """The algorithm's states of a loaded block in the opmath dtype: as stored, or an 8-bit
+    state's code times its block's absmax."""
+    values = ()
+    for i in tl.static_range(NUM_STATES - PRECISION[P_NUM_EXTRA]):
+        if PRECISION[P_NUM_SCALES] > 0:
+            code = codes + ((PRECISION[P_UNSIGNED] >> i) & 1) * CODE_SIZE
+            value = tl.load(code + raw[2 + i].to(tl.int32)) * raw[2 + NUM_STATES + i]
+            values = values + (value.to(COMPUTE),)
+        else:
+            values = values + (raw[2 + i].to(COMPUTE),)
+    return values
+
+
+@triton.jit
+def _store_quantized(x, state, scale, code, offs, mask):
+    """Store a block of new state values ``x`` in 8 bits: per quantization block (whole
+    blocks of lanes: the lanes start at a multiple of QUANT_BLOCK), the absmax of the lanes
+    in ``mask``, and for each element the code nearest to x / absmax (ties to the lower code;
+    a binary search over the sorted code, as bitsandbytes does)."""
+    LANES: tl.constexpr = x.shape[0]
+    BLOCKS: tl.constexpr = LANES // QUANT_BLOCK
+    x = x.to(tl.float32)
+    magnitude = tl.abs(x)
+    if mask is not None:
+        magnitude = tl.where(mask, magnitude, 0.0)
+    absmax = tl.max(tl.reshape(magnitude, [BLOCKS, QUANT_BLOCK]), axis=1)
+    lane_absmax = tl.reshape(tl.broadcast_to(absmax[:, None], [BLOCKS, QUANT_BLOCK]), [LANES])
+    nonzero = lane_absmax > 0.0
+    normalized = tl.where(nonzero, tl.div_rn(x, tl.where(nonzero, lane_absmax, 1.0)), 0.0)
+    low = tl.zeros([LANES], dtype=tl.int32)  # the largest index whose code is <= normalized
+    for bit in tl.static_range(8):
+        candidate = low + (CODE_SIZE >> (bit + 1))
+        low = tl.where(tl.load(code + candidate) <= normalized, candidate, low)
+    high = tl.minimum(low + 1, CODE_SIZE - 1)
+    up = (tl.load(code + high) - normalized) < (normalized - tl.load(code + low))
+    tl.store(state + offs, tl.where(up, high, low).to(tl.uint8), mask=mask)
+    blocks = tl.min(offs, axis=0) // QUANT_BLOCK + tl.arange(0, BLOCKS)
+    if mask is None:
+        tl.store(scale + blocks, absmax)
+    else:
+        present = tl.max(tl.reshape(mask.to(tl.int32), [BLOCKS, QUANT_BLOCK]), axis=1) > 0
+        tl.store(scale + blocks, absmax, mask=present)
 
 
 @triton.jit
@@ -351,14 +416,12 @@ def _update_body(raw, param, states, offs, mask, per_tensor, acc, FN: tl.constex
                  ROUND_BF16_BY_HAND: tl.constexpr, PRECISION: tl.constexpr):
     """One loaded block: the update in the opmath dtype, stored in the storage dtypes, the
     param as the precision mode writes it."""
-    hyper, scalars, sums, fresh, scaling, rng = per_tensor
+    hyper, scalars, sums, fresh, scaling, rng, codes = per_tensor
     p = _working_param(raw, NUM_STATES, COMPUTE, STORAGE, ROUND_BF16_BY_HAND, PRECISION)
     g = raw[1].to(COMPUTE)
     if SCALE_GRADS:
         g = g * scaling.to(COMPUTE)
-    values = ()
-    for i in tl.static_range(NUM_STATES - PRECISION[P_NUM_EXTRA]):
-        values = values + (raw[2 + i].to(COMPUTE),)
+    values = _state_values(raw, codes, NUM_STATES, COMPUTE, PRECISION)
     p, values = FN(p, g, values, hyper, scalars, sums, fresh, FLAGS)
     if PRECISION[P_WRITE] == WRITE_STOCHASTIC:
         tl.store(param + offs, _round_stochastic(p, rng, offs), mask=mask)
@@ -373,8 +436,12 @@ def _update_body(raw, param, states, offs, mask, per_tensor, acc, FN: tl.constex
             tl.store(states[NUM_STATES - 1] + offs,
                      _to_storage(compensation, STORAGE, ROUND_BF16_BY_HAND), mask=mask)
     for i in tl.static_range(NUM_STATES - PRECISION[P_NUM_EXTRA]):
-        tl.store(states[i] + offs,
-                 _to_storage(values[i], PRECISION[P_STATE], ROUND_BF16_BY_HAND), mask=mask)
+        if PRECISION[P_NUM_SCALES] > 0:
+            _store_quantized(values[i], states[i], states[NUM_STATES + i],
+                             codes + ((PRECISION[P_UNSIGNED] >> i) & 1) * CODE_SIZE, offs, mask)
+        else:
+            tl.store(states[i] + offs,
+                     _to_storage(values[i], PRECISION[P_STATE], ROUND_BF16_BY_HAND), mask=mask)
     return acc
 
 
@@ -385,14 +452,12 @@ def _terms_body(raw, param, states, offs, mask, per_tensor, acc, FN: tl.constexp
                 ROUND_BF16_BY_HAND: tl.constexpr, PRECISION: tl.constexpr):
     """One loaded block: the algorithm's terms, added to the per-lane sums (lanes outside
     the mask count 0)."""
-    hyper, scalars, sums, fresh, scaling, rng = per_tensor
+    hyper, scalars, sums, fresh, scaling, rng, codes = per_tensor
     p = _working_param(raw, NUM_STATES, COMPUTE, STORAGE, ROUND_BF16_BY_HAND, PRECISION)
     g = raw[1].to(COMPUTE)
     if SCALE_GRADS:
         g = g * scaling.to(COMPUTE)
-    values = ()
-    for i in tl.static_range(NUM_STATES - PRECISION[P_NUM_EXTRA]):
-        values = values + (raw[2 + i].to(COMPUTE),)
+    values = _state_values(raw, codes, NUM_STATES, COMPUTE, PRECISION)
     terms = FN(p, g, values, hyper, scalars, (), fresh, FLAGS)
     summed = ()
     for i in tl.static_range(NUM_SUMS):
@@ -438,6 +503,8 @@ def _walk(param, grad, states, start, numel, shift, same, per_tensor, acc, eleme
         framed_states = ()
         for i in tl.static_range(NUM_STATES):
             framed_states = framed_states + (tl.multiple_of(states[i] + shift, 16),)
+        for i in tl.static_range(NUM_STATES, NUM_STATES + PRECISION[P_NUM_SCALES]):
+            framed_states = framed_states + (states[i],)  # (8-bit states' absmax: shift is 0)
         end = numel - shift  # the frame's length
         if start + BLOCK * ITERS <= end:
             # The loads of the next PREFETCH blocks are in flight while a block is computed
@@ -448,7 +515,7 @@ def _walk(param, grad, states, start, numel, shift, same, per_tensor, acc, eleme
                 if i < ITERS:
                     ring = ring + (_load_raw(framed_param, framed_grad, framed_states,
                                              _block_offsets(start, i, lanes, BLOCK), None,
-                                             NUM_STATES),)
+                                             NUM_STATES, PRECISION[P_NUM_SCALES]),)
             for i in tl.static_range(ITERS):
                 acc = BODY(ring[0], framed_param, framed_states,
                            _block_offsets(start, i, lanes, BLOCK), None, per_tensor, acc, FN,
@@ -461,17 +528,22 @@ def _walk(param, grad, states, start, numel, shift, same, per_tensor, acc, eleme
                 if i + PREFETCH < ITERS:
                     rest = rest + (_load_raw(framed_param, framed_grad, framed_states,
                                              _block_offsets(start, i + PREFETCH, lanes, BLOCK),
-                                             None, NUM_STATES),)
+                                             None, NUM_STATES, PRECISION[P_NUM_SCALES]),)
                 ring = rest
         else:
-            # the end of the last whole vector (VECTOR elements: 16 bytes)
-            whole = tl.multiple_of(start + tl.maximum(end - start, 0) // VECTOR * VECTOR, VECTOR)
+            # the end of the last whole vector (VECTOR elements: 16 bytes); 8-bit states take
+            # the whole tail in blocks (masked elements: a quantization block stays whole)
+            if PRECISION[P_NUM_SCALES] > 0:
+                whole = end
+            else:
+                whole = tl.multiple_of(start + tl.maximum(end - start, 0) // VECTOR * VECTOR,
+                                       VECTOR)
             for i in tl.static_range(ITERS):
                 if start + i * BLOCK < whole:  # (blocks past the end are skipped whole)
                     offs = _block_offsets(start, i, lanes, BLOCK)
                     mask = offs < whole
                     raw = _load_raw(framed_param, framed_grad, framed_states, offs, mask,
-                                    NUM_STATES)
+                                    NUM_STATES, PRECISION[P_NUM_SCALES])
                     acc = BODY(raw, framed_param, framed_states, offs, mask, per_tensor, acc,
                                FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE,
                                SCALE_GRADS, ROUND_BF16_BY_HAND, PRECISION)
@@ -515,14 +587,15 @@ def _elements(param, grad, states, offs, mask, per_tensor, acc, BODY: tl.constex
               SCALE_GRADS: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr,
  PRECISION: tl.constexpr):
     """BODY on masked elements, with no claim on alignment (any address)."""
-    raw = _load_raw(param, grad, states, offs, mask, NUM_STATES)
+    raw = _load_raw(param, grad, states, offs, mask, NUM_STATES, PRECISION[P_NUM_SCALES])
     return BODY(raw, param, states, offs, mask, per_tensor, acc, FN, FLAGS, NUM_STATES,
                 NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND, PRECISION)
 
 
 @triton.jit
 def _chunk(tensors, num_tensors, work, NUM_STATES: tl.constexpr, NUM_SCALARS: tl.constexpr,
-           VECTOR: tl.constexpr, CHECK_ALIGNMENT: tl.constexpr, ALIGNED_ONLY: tl.constexpr):
+           VECTOR: tl.constexpr, CHECK_ALIGNMENT: tl.constexpr, ALIGNED_ONLY: tl.constexpr,
+           NUM_SCALES: tl.constexpr):
     """This program's chunk and its tensor's row of the table, read once: (tensor index,
     first element, numel, shift, same, param address, grad address, state addresses, group,
     fresh pointer, scalar pointers). ``same``: every tensor's address has the same remainder
@@ -547,9 +620,12 @@ def _chunk(tensors, num_tensors, work, NUM_STATES: tl.constexpr, NUM_SCALARS: tl
         addr = tl.load(row + (COL_STATES + i) * num_tensors)
         differs = differs | ((addr & 15) != offset)
         state_addrs = state_addrs + (addr,)
+    # (8-bit states' absmax: read per block, no alignment needed beyond their float32's)
+    for i in tl.static_range(NUM_STATES, NUM_STATES + NUM_SCALES):
+        state_addrs = state_addrs + (tl.load(row + (COL_STATES + i) * num_tensors),)
     scalar_ptrs = ()
     for i in tl.static_range(NUM_SCALARS):
-        addr = tl.load(row + (COL_STATES + NUM_STATES + i) * num_tensors)
+        addr = tl.load(row + (COL_STATES + NUM_STATES + NUM_SCALES + i) * num_tensors)
         scalar_ptrs = scalar_ptrs + (addr.to(tl.pointer_type(tl.float32)),)
     group = tl.load(row + COL_GROUP * num_tensors)
     fresh_ptr = tl.load(row + COL_FRESH * num_tensors).to(tl.pointer_type(tl.int64))
@@ -631,7 +707,7 @@ def _per_tensor(hyper_row, scalar_ptrs, sums, t, fresh, FLAGS: tl.constexpr,
 
 @triton.jit(do_not_specialize=["num_tensors", "hyper_stride"])
 def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_counts, sums,
-                      grad_scale, found_inf, clip_coef, rng, UPDATE: tl.constexpr,
+                      grad_scale, found_inf, clip_coef, rng, codes, UPDATE: tl.constexpr,
                       FLAGS: tl.constexpr, NUM_STATES: tl.constexpr, NUM_HYPER: tl.constexpr,
                       NUM_SCALARS: tl.constexpr, USES_STEP: tl.constexpr,
                       ADVANCE: tl.constexpr, NUM_SUMS: tl.constexpr, FINISH: tl.constexpr,
@@ -645,12 +721,13 @@ def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_coun
 
     ``rng`` (stochastic rounding only): ``int64[3]``, the seed, the launch count (Philox's
     counter: new random bits every step) and a count of finished programs; the bucket's last
-    program to finish advances the launch count, on the device (capturable)."""
+    program to finish advances the launch count, on the device (capturable). ``codes``
+    (8-bit states only): the signed and the unsigned code, float32[2, 256]."""
     run, scaling = _amp(grad_scale, found_inf, clip_coef, UNSCALE, SKIP_ON_INF, CLIP)
     if run:
         (t, start, numel, shift, same, param_addr, grad_addr, state_addrs, group, fresh_ptr,
          scalar_ptrs) = _chunk(tensors, num_tensors, work, NUM_STATES, NUM_SCALARS, VECTOR,
-                               CHECK_ALIGNMENT, ALIGNED_ONLY)
+                               CHECK_ALIGNMENT, ALIGNED_ONLY, PRECISION[P_NUM_SCALES])
         param = param_addr.to(tl.pointer_type(STORAGE))
         grad = grad_addr.to(tl.pointer_type(STORAGE))
         states = _state_pointers(state_addrs, NUM_STATES, PRECISION)
@@ -667,7 +744,8 @@ def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_coun
             count = t
         nothing = tl.full([], 0, tl.int32)  # (the update accumulates nothing)
         _walk(param, grad, states, start, numel, shift, same,
-              (hyper_values, scalars, sum_values, fresh, scaling, (seed, count, t)), nothing,
+              (hyper_values, scalars, sum_values, fresh, scaling, (seed, count, t), codes),
+              nothing,
               nothing, _update_body, UPDATE,
               FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND,
               PRECISION, BLOCK, ITERS, VECTOR, PREFETCH, THREADS)
@@ -685,13 +763,15 @@ def multi_tensor_step(tensors, num_tensors, work, hyper, hyper_stride, done_coun
 @triton.jit
 def _state_pointers(state_addrs, NUM_STATES: tl.constexpr, PRECISION: tl.constexpr):
     """The state addresses as pointers: the algorithm's states in their storage dtype, the
-    precision mode's extra state in its own."""
+    precision mode's extra state in its own, then 8-bit states' absmax (float32)."""
     states = ()
     for i in tl.static_range(NUM_STATES):
         if i < NUM_STATES - PRECISION[P_NUM_EXTRA]:
             states = states + (state_addrs[i].to(tl.pointer_type(PRECISION[P_STATE])),)
         else:
             states = states + (state_addrs[i].to(tl.pointer_type(PRECISION[P_EXTRA])),)
+    for i in tl.static_range(NUM_STATES, NUM_STATES + PRECISION[P_NUM_SCALES]):
+        states = states + (state_addrs[i].to(tl.pointer_type(tl.float32)),)
     return states
 
 
@@ -723,7 +803,7 @@ def _finish(t, numel, done_counts, scalar_ptrs, advanced, sums, fresh, fresh_ptr
 
 @triton.jit(do_not_specialize=["num_tensors", "hyper_stride"])
 def multi_tensor_sums(tensors, num_tensors, work, hyper, hyper_stride, sums, grad_scale,
-                      found_inf, clip_coef, TERMS: tl.constexpr, FLAGS: tl.constexpr,
+                      found_inf, clip_coef, codes, TERMS: tl.constexpr, FLAGS: tl.constexpr,
                       NUM_STATES: tl.constexpr, NUM_HYPER: tl.constexpr,
                       NUM_SCALARS: tl.constexpr, USES_STEP: tl.constexpr,
                       ADVANCE: tl.constexpr, NUM_SUMS: tl.constexpr, UNSCALE: tl.constexpr,
@@ -740,7 +820,7 @@ def multi_tensor_sums(tensors, num_tensors, work, hyper, hyper_stride, sums, gra
     if run:
         (t, start, numel, shift, same, param_addr, grad_addr, state_addrs, group, fresh_ptr,
          scalar_ptrs) = _chunk(tensors, num_tensors, work, NUM_STATES, NUM_SCALARS, VECTOR,
-                               CHECK_ALIGNMENT, ALIGNED_ONLY)
+                               CHECK_ALIGNMENT, ALIGNED_ONLY, PRECISION[P_NUM_SCALES])
         param = param_addr.to(tl.pointer_type(STORAGE))
         grad = grad_addr.to(tl.pointer_type(STORAGE))
         states = _state_pointers(state_addrs, NUM_STATES, PRECISION)
@@ -756,7 +836,7 @@ def multi_tensor_sums(tensors, num_tensors, work, hyper, hyper_stride, sums, gra
             element_acc = element_acc + (tl.zeros([THREADS], dtype=COMPUTE),)
         acc, element_acc = _walk(param, grad, states, start, numel, shift, same,
                                  (hyper_values, scalars, sum_values, fresh, scaling,
-                                  (t, t, t)), acc, element_acc, _terms_body, TERMS, FLAGS,
+                                  (t, t, t), codes), acc, element_acc, _terms_body, TERMS, FLAGS,
                                  NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS,
                                  ROUND_BF16_BY_HAND, PRECISION, BLOCK, ITERS, VECTOR,
                                  PREFETCH, THREADS)
@@ -833,7 +913,8 @@ def launch(variant: Variant, *, tensors: torch.Tensor, num_tensors: int, work: t
            num_work: int, hyper: torch.Tensor, done_counts: torch.Tensor,
            sums: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
            found_inf: torch.Tensor | None = None, clip_coef: torch.Tensor | None = None,
-           rng: torch.Tensor | None = None, interpreting: bool = False,
+           rng: torch.Tensor | None = None, codes: torch.Tensor | None = None,
+           interpreting: bool = False,
            prepared: dict | None = None) -> None:
     """Launch one multi-tensor step over a bucket's tables (see the module docstring).
 
@@ -843,7 +924,8 @@ def launch(variant: Variant, *, tensors: torch.Tensor, num_tensors: int, work: t
     this device, and ``clip_coef`` a float32 scalar the grads are multiplied by; present
     exactly when ``variant`` says so. ``rng``: stochastic rounding's ``int64[3]`` device
     tensor (seed, launch count, finished programs: 0 between launches; see
-    :func:`multi_tensor_step`). ``prepared``: a dict the
+    :func:`multi_tensor_step`). ``codes``: 8-bit states' float32[2, 256] code table
+    (:func:`fusedopt.kernels.quantization.code_table`, on this device). ``prepared``: a dict the
     caller keeps for its launches (a bucket's): its :class:`Prepared` kernels skip the JIT's
     per-call binding.
     """
@@ -856,7 +938,8 @@ def launch(variant: Variant, *, tensors: torch.Tensor, num_tensors: int, work: t
         if kernel is None:
             kernel = prepared[("sums", variant)] = Prepared(
                 multi_tensor_sums, constexprs(variant, "sums", interpreting))
-        kernel((num_work,), (tensors, num_tensors, work, hyper, hyper.shape[1], sums, *amp))
+        kernel((num_work,), (tensors, num_tensors, work, hyper, hyper.shape[1], sums, *amp,
+                             codes if codes is not None else hyper))
         _launches += 1
     kernel = prepared.get(("step", variant))
     if kernel is None:
@@ -864,5 +947,6 @@ def launch(variant: Variant, *, tensors: torch.Tensor, num_tensors: int, work: t
             multi_tensor_step, constexprs(variant, "step", interpreting))
     kernel((num_work,), (tensors, num_tensors, work, hyper, hyper.shape[1], done_counts,
                          sums if sums is not None else done_counts, *amp,
-                         rng if rng is not None else tensors))
+                         rng if rng is not None else tensors,
+                         codes if codes is not None else hyper))
     _launches += 1

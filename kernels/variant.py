@@ -8,11 +8,15 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from fusedopt.kernels import quantization
 from fusedopt.kernels.algorithms import Algorithm
 
 #: The extra state tensors a precision mode keeps next to the algorithm's, by name.
 MASTER = "master_param"
 KAHAN = "kahan_comp"
+#: The ``state_dtype`` of 8-bit states: codes in uint8, an fp32 absmax per block
+#: (:mod:`fusedopt.kernels.quantization`).
+QUANTIZED = torch.uint8
 
 
 @dataclass(frozen=True)
@@ -20,7 +24,8 @@ class Precision:
     """How a bucket keeps its numbers, beyond the param's dtype.
 
     * ``state_dtype``: the storage dtype of the algorithm's states; None: the param's (float32
-      with a master copy).
+      with a master copy); :data:`QUANTIZED` (uint8): block-wise 8-bit codes, each state with
+      its float32 ``<state>_absmax`` per block (:mod:`fusedopt.kernels.quantization`).
     * ``write``: how the updated param is stored:
 
       - ``"nearest"``: rounded to nearest even (torch's way);
@@ -46,10 +51,15 @@ class Precision:
         """The extra state tensors this mode keeps (after the algorithm's states)."""
         return {"master": (MASTER,), "kahan": (KAHAN,)}.get(self.write, ())
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the algorithm's states are kept in 8 bits."""
+        return self.state_dtype == QUANTIZED
+
     def dtype_of(self, name: str, param_dtype: torch.dtype) -> torch.dtype:
-        """The storage dtype of ``name`` ("param", a state or an extra) for params of
-        ``param_dtype``."""
-        if name == MASTER:
+        """The storage dtype of ``name`` ("param", a state, an extra or an absmax) for params
+        of ``param_dtype``."""
+        if name == MASTER or name.endswith(quantization.ABSMAX_SUFFIX):
             return torch.float32
         if name in ("param", KAHAN):
             return param_dtype
@@ -82,12 +92,33 @@ class Variant:
                              "in that order")
         if len(self.flags) != len(alg.flags):
             raise ValueError(f"{alg.name}: {len(self.flags)} flag values for {alg.flags}")
+        if self.precision.quantized and not quantization.quantizable(self.states):
+            raise ValueError(f"{alg.name}: states {self.states} cannot be kept in 8 bits")
 
     @property
     def tensors(self) -> tuple[str, ...]:
-        """Every state tensor of a param, in table order: the algorithm's, then the
-        precision mode's extra one (if any)."""
+        """Every state tensor of a param, in table order: the element-wise ones
+        (:attr:`element_tensors`), then the absmax of each 8-bit state (:attr:`scales`)."""
+        return self.element_tensors + self.scales
+
+    @property
+    def element_tensors(self) -> tuple[str, ...]:
+        """The state tensors shaped as the param: the algorithm's, then the precision mode's
+        extra one (if any)."""
         return self.states + self.precision.extras
+
+    @property
+    def scales(self) -> tuple[str, ...]:
+        """The per-block absmax of each of the algorithm's states kept in 8 bits."""
+        if not self.precision.quantized:
+            return ()
+        return tuple(quantization.absmax_name(s) for s in self.states)
+
+    @property
+    def unsigned(self) -> tuple[bool, ...]:
+        """For each of the algorithm's states, whether it is never negative (its 8-bit code
+        is the unsigned one)."""
+        return tuple(s in quantization.UNSIGNED_STATES for s in self.states)
 
     @property
     def state_storage(self) -> torch.dtype:
@@ -101,7 +132,7 @@ class Variant:
     @property
     def mixed(self) -> bool:
         """Whether some state is stored in another dtype than the param."""
-        return any(self.dtype_of(name) != self.dtype for name in self.tensors)
+        return any(self.dtype_of(name) != self.dtype for name in self.element_tensors)
 
     @property
     def compute(self) -> torch.dtype:

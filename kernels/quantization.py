@@ -1,0 +1,77 @@
+"""Block-wise 8-bit states: the layout and the code (no triton here; the reference path and
+the engine use it too).
+
+A state kept in 8 bits (``state_dtype="8bit"``) is a ``uint8`` tensor of the param's shape
+and a float32 ``absmax`` per block of :data:`BLOCK` consecutive elements (in the param's
+memory order). Element ``i`` stands for ``CODE[q[i]] * absmax[i // BLOCK]``, where ``CODE``
+is a sorted table of 256 values in [-1, 1] (signed: first moments, momenta) or [0, 1]
+(unsigned: second moments, accumulators): bitsandbytes' *dynamic* code, whose values are
+spread over seven decades, so that small elements of a block keep about two significant
+digits. A value is stored as the code nearest to ``x / absmax`` (ties to the lower code),
+with ``absmax`` the block's largest magnitude.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+#: Elements per quantization block (one float32 absmax each: 4/256 bytes per element more).
+BLOCK = 256
+#: Params with fewer elements keep their states in full precision (as bitsandbytes does):
+#: their states weigh little and take the largest relative errors.
+MIN_NUMEL = 4096
+#: The states that are never negative (second moments, accumulators, running maxima): their
+#: code is the unsigned one, twice as fine. The states in neither set (Rprop's step sizes and
+#: previous grads, ASGD's parameter average) are not moment estimates, and are not quantized.
+UNSIGNED_STATES = frozenset({"exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg", "acc_delta",
+                             "exp_inf"})
+SIGNED_STATES = frozenset({"exp_avg", "momentum_buffer", "grad_avg"})
+#: The suffix of the absmax state of a quantized state ("exp_avg" -> "exp_avg_absmax").
+ABSMAX_SUFFIX = "_absmax"
+
+
+def absmax_name(state: str) -> str:
+    """The name of the per-block absmax of quantized state ``state``."""
+    return state + ABSMAX_SUFFIX
+
+
+def quantizable(states: tuple[str, ...]) -> bool:
+    """Whether an algorithm with these states can keep them in 8 bits."""
+    return all(s in SIGNED_STATES or s in UNSIGNED_STATES for s in states)
+
+
+def num_blocks(numel: int) -> int:
+    """Quantization blocks of a tensor of ``numel`` elements."""
+    return (numel + BLOCK - 1) // BLOCK
+
+
+@functools.cache
+def dynamic_code(signed: bool) -> torch.Tensor:
+    """bitsandbytes' dynamic 8-bit code (``create_dynamic_map(signed, 7, 8)``), sorted:
+    float32[256]. For each decade 10**-6 ... 10**0, the midpoints of an even split of
+    [0.1, 1] times that decade (2**k points in decade k, twice as many unsigned), each
+    negated too if signed; then 0 and 1."""
+    values: list[float] = []
+    for decade in range(7):
+        points = 2 ** decade + 1 if signed else 2 ** (decade + 1) + 1
+        bounds = torch.linspace(0.1, 1, points, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        values += (10 ** (decade - 6) * means).tolist()
+        if signed:
+            values += (-(10 ** (decade - 6)) * means).tolist()
+    values += [0.0, 1.0]
+    assert len(values) == 256
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+@functools.cache
+def _codes_on(device: torch.device) -> torch.Tensor:
+    return torch.stack([dynamic_code(True), dynamic_code(False)]).to(device)
+
+
+def code_table(device: torch.device) -> torch.Tensor:
+    """float32[2, 256]: the signed code, then the unsigned one, on ``device`` (what the
+    kernels read)."""
+    return _codes_on(torch.device(device))
