@@ -321,10 +321,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._rounding = {}
 
     def _states_of_other_dtypes(self, state_dict: dict) -> dict[tuple[int, int, str], Tensor]:
-        """The saved state tensors whose dtype is not their param's (a precision mode's, and
-        the float32 scalar states of low-precision params: NAdam's ``mu_product``), which
-        torch's loader would cast to the param's dtype, losing bits: set aside, by (group,
-        position in the group, name)."""
+        """The saved state tensors whose dtype is not their param's (a precision mode's, 8-bit
+        codes, and the float32 scalar states of low-precision params: NAdam's
+        ``mu_product``), which torch's loader would cast to the param's dtype, losing bits:
+        set aside, by (group, position in the group, name)."""
         kept = {}
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
@@ -333,7 +333,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             for i, (param_id, p) in enumerate(zip(saved["params"], group["params"])):
                 for name, value in (state_dict["state"].get(param_id) or {}).items():
                     if (name != "step" and isinstance(value, Tensor)
-                            and value.is_floating_point() and value.dtype != p.dtype):
+                            and (value.is_floating_point() or value.dtype == QUANTIZED)
+                            and value.dtype != p.dtype):
                         kept[g, i, name] = value
         return kept
 

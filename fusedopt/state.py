@@ -181,10 +181,11 @@ class StateOfBucket:
         for name in self.names:
             value = dict.get(state, name)
             if value is None and name.endswith(quantization.ABSMAX_SUFFIX):
+                codes = name.removesuffix(quantization.ABSMAX_SUFFIX)
                 raise ValueError(
-                    f"fusedopt.{type(self.opt).__name__}: state {name!r} is missing, and the 8-bit state "
-                    f"{name.removesuffix(quantization.ABSMAX_SUFFIX)!r} cannot be read without "
-                    "it (delete both to start that state afresh)")
+                    f"fusedopt.{type(self.opt).__name__}: state {name!r} is missing, and the "
+                    f"8-bit state {codes!r} cannot be read without it (delete both to start "
+                    "that state afresh)")
             if value is None:
                 dtype = stored_dtype(p, name, self.dtype_of)
                 # (a precision mode's compensation starts at 0, not at the spec's initial

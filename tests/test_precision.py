@@ -20,13 +20,18 @@ from cases import CASE_BY_ID, ONE_PER_OPTIMIZER, fresh_grads, make_params
 
 import fusedopt
 from fusedopt import kernels, precision
+from fusedopt.kernels import quantization
 
 MODES = {
     "master": {"master_weights": True},
     "stochastic": {"stochastic_rounding": True},
     "kahan": {"kahan_summation": True},
     "bf16-states": {"state_dtype": torch.bfloat16},
+    "8bit": {"state_dtype": "8bit"},
+    "master-8bit": {"master_weights": True, "state_dtype": "8bit"},
 }
+#: the modes for fp32 params (the usual use of low-precision states)
+FP32_MODES = ("bf16-states", "8bit")
 # small sizes for the interpreter: an element, odd sizes, an empty tensor, and one longer than
 # a bf16 chunk (8192 elements: the unmasked aligned path, then a tail)
 SHAPES = (((1,), (8195,), (0,)), ((3,), (33, 17)), ((1023,),))
@@ -37,8 +42,24 @@ def _flat(groups):
 
 
 def _param_dtype(mode: str) -> torch.dtype:
-    """The param dtype a mode is for: bf16 states are tried on fp32 params (the usual use)."""
-    return torch.float32 if mode == "bf16-states" else torch.bfloat16
+    """The param dtype a mode is for: bf16 and 8-bit states are tried on fp32 params (the
+    usual use), the rest on bf16 params."""
+    return torch.float32 if mode in FP32_MODES else torch.bfloat16
+
+
+def _quantizable(case) -> bool:
+    return quantization.quantizable(case.fused_cls.algorithm.states)
+
+
+def _codes_close(actual, actual_absmax, expected, expected_absmax, name, where):
+    """8-bit states of two implementations (whose float32 math may differ in last bits): the
+    same code for nearly every element, and values at most a code step apart."""
+    a = precision.dequantized(actual.cpu(), actual_absmax.cpu(), name).reshape(-1)
+    e = precision.dequantized(expected, expected_absmax, name).reshape(-1)
+    if not e.numel():
+        return
+    assert (actual.cpu() == expected).float().mean().item() >= 0.99, f"{where}: codes differ"
+    assert (a - e).abs().max().item() <= 0.02 * max(e.abs().max().item(), 1e-30), where
 
 
 def _make(case, params, backend: str, **options):
@@ -272,6 +293,10 @@ def test_kernel_matches_reference(case_id, mode, kernel_device):
     dtype = _param_dtype(mode)
     ours = make_params(SHAPES, dtype, device=kernel_device)
     theirs = [[p.detach().clone().requires_grad_() for p in g] for g in ours]
+    if "8bit" in mode and not _quantizable(case):  # (not moment estimates: refused)
+        with pytest.raises(ValueError, match="8bit"):
+            _make(case, ours, "triton", **MODES[mode])
+        return
     torch.manual_seed(7)
     opt = _make(case, ours, "triton", **MODES[mode])
     torch.manual_seed(7)
@@ -286,7 +311,9 @@ def test_kernel_matches_reference(case_id, mode, kernel_device):
         opt.step()
         ref.step()
     assert kernels.launch_count() - launches == steps * len(opt._buckets) * opt.launches_per_step
-    assert len(opt._buckets) == 1  # every param of the one dtype: one launch per step
+    # every param of the one dtype: one launch per step (8-bit states: another for the small
+    # params, whose states stay in full precision)
+    assert len(opt._buckets) == (2 if "8bit" in mode else 1)
     for i, (p, q) in enumerate(zip(a, b)):
         where = f"{case_id} {mode} param {i}"
         sp, sq = opt.state.get(p, {}), ref.state.get(q, {})
@@ -305,6 +332,9 @@ def test_kernel_matches_reference(case_id, mode, kernel_device):
                 assert float(x) == float(y), where
             elif name == "kahan_comp":
                 continue
+            elif x.dtype == torch.uint8:
+                absmax = quantization.absmax_name(name)
+                _codes_close(x, sp[absmax], y, sq[absmax], name, f"{where} {name}")
             elif x.dtype == torch.float32 and x.dim():
                 _mostly_close(x, y, f"{where} {name}")
             elif x.dim():
@@ -313,11 +343,11 @@ def test_kernel_matches_reference(case_id, mode, kernel_device):
                 torch.testing.assert_close(x.cpu(), y, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("mode", ["master", "bf16-states"])
+@pytest.mark.parametrize("mode", ["master", "bf16-states", "8bit"])
 def test_kernel_unaligned_views(mode, kernel_device):
     """States of another width than the param take the aligned frame only where every
-    tensor is 16-byte aligned: params that are views at odd offsets take the element path,
-    with the same results."""
+    tensor is 16-byte aligned: params that are views at odd offsets take the element path
+    (8-bit states: in blocks of a whole quantization block), with the same results."""
     dtype = _param_dtype(mode)
     gen = torch.Generator().manual_seed(11)
     base = torch.randn(9000, generator=gen).to(dtype).to(kernel_device)
@@ -332,8 +362,12 @@ def test_kernel_unaligned_views(mode, kernel_device):
                 p.grad = torch.randn(p.shape, generator=g).to(dtype).to(p.device)
             opt.step()
         results.append([p.detach().cpu() for p in params])
+        if mode == "8bit":
+            results[-1] += [s.cpu() for p in params for s in opt.state[p].values()]
     for x, y in zip(*results):
-        if dtype == torch.float32:
+        if x.dtype == torch.uint8:
+            assert (x == y).float().mean() >= 0.99
+        elif dtype == torch.float32:
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
         else:
             _ulp_close(x, y, "view")
