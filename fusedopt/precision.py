@@ -29,7 +29,8 @@ options, kept in each param group like torch's own options (so groups can differ
 The first three apply to low-precision params only: fp32/fp64 params in the same group are
 updated as usual. They exclude each other (each is another way of keeping the param's lost
 bits); each combines with any ``state_dtype``. Whole-tensor and sparse updates (Adafactor,
-Muon, SparseAdam) and L-BFGS do not take them; stochastic rounding and Kahan summation do not take FSDP2's sharded params yet.
+Muon, SparseAdam) and L-BFGS do not take them; stochastic rounding and Kahan summation do
+not take FSDP2's sharded params yet.
 """
 
 from __future__ import annotations
