@@ -123,6 +123,7 @@ def _compile(v: skeleton.Variant, kernel: str, arch: int, options: dict):
     signature.update(grad_scale="*fp32", found_inf="*fp32", clip_coef=opmath)
     if kernel == "step":
         signature["rng"] = "*i64"
+    signature["codes"] = "*fp32"
     constexprs = skeleton.constexprs(v, kernel)
     signature.update({name: "constexpr" for name in constexprs})
     source = ASTSource(fn=fn, signature=signature, constexprs={
@@ -209,6 +210,8 @@ PRECISION_MODES = {
     "bf16+kahan": ("bf16", None, "kahan"),
     "bf16+fp32-states": ("bf16", torch.float32, "nearest"),
     "fp32+bf16-states": ("fp32", torch.bfloat16, "nearest"),
+    "fp32+8bit-states": ("fp32", torch.uint8, "nearest"),
+    "bf16+master+8bit-states": ("bf16", torch.uint8, "master"),
 }
 PRECISION_VARIANTS = ("adamw", "adam-amsgrad-maximize", "sgd-momentum-nesterov", "lion",
                       "lamb", "adamw+amp")

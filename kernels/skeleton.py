@@ -485,11 +485,13 @@ def _walk(param, grad, states, start, numel, shift, same, per_tensor, acc, eleme
       stored (the compiler cannot move loads past stores through pointers it cannot tell
       apart, so the code issues them early itself). A tensor's tail takes masked 16-byte
       accesses up to its last whole vector, then masked elements; the first chunk also does
-      the ``shift`` elements before the frame, element by element.
+      the ``shift`` elements before the frame, element by element. (8-bit states: the
+      tail takes the element path below, in blocks of a whole quantization block.)
     * otherwise (tensors misaligned differently): masked element accesses, correct for any
       address.
 
-    Element accesses work on blocks of THREADS lanes, one element per thread, and keep their
+    Element accesses work on blocks of THREADS lanes, one element per thread (for 8-bit
+    states, THREADS is a quantization block: two elements per thread), and keep their
     own accumulator (``element_acc``, the sums kernel's per-lane sums): a block of BLOCK lanes
     would have its loads laid out four or eight to a thread, like the vector accesses of the
     same lanes, and its stores, whose alignment is unknown, one to a thread, with a relayout
@@ -530,14 +532,16 @@ def _walk(param, grad, states, start, numel, shift, same, per_tensor, acc, eleme
                                              _block_offsets(start, i + PREFETCH, lanes, BLOCK),
                                              None, NUM_STATES, PRECISION[P_NUM_SCALES]),)
                 ring = rest
+        elif PRECISION[P_NUM_SCALES] > 0:
+            # 8-bit states: the tail in element blocks of whole quantization blocks (a
+            # runtime loop: the quantization code is long)
+            element_acc = _element_loop(framed_param, framed_grad, framed_states, start, end,
+                                        per_tensor, element_acc, BODY, FN, FLAGS, NUM_STATES,
+                                        NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS,
+                                        ROUND_BF16_BY_HAND, PRECISION, BLOCK, ITERS, THREADS)
         else:
-            # the end of the last whole vector (VECTOR elements: 16 bytes); 8-bit states take
-            # the whole tail in blocks (masked elements: a quantization block stays whole)
-            if PRECISION[P_NUM_SCALES] > 0:
-                whole = end
-            else:
-                whole = tl.multiple_of(start + tl.maximum(end - start, 0) // VECTOR * VECTOR,
-                                       VECTOR)
+            # the end of the last whole vector (VECTOR elements: 16 bytes)
+            whole = tl.multiple_of(start + tl.maximum(end - start, 0) // VECTOR * VECTOR, VECTOR)
             for i in tl.static_range(ITERS):
                 if start + i * BLOCK < whole:  # (blocks past the end are skipped whole)
                     offs = _block_offsets(start, i, lanes, BLOCK)
@@ -559,18 +563,33 @@ def _walk(param, grad, states, start, numel, shift, same, per_tensor, acc, eleme
                                     BODY, FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE,
                                     SCALE_GRADS, ROUND_BF16_BY_HAND, PRECISION)
     else:
-        # a runtime loop over one-element-per-thread blocks: code and registers stay those of
-        # one small block, whatever ITERS and VECTOR are
-        # (a while loop: triton 3.6's interpreter cannot take a loaded value as a range bound)
-        stop = start + tl.minimum(tl.maximum(numel - start, 0), BLOCK * ITERS)
-        first = start
-        while first < stop:
-            offs = first + threads
-            element_acc = _elements(param, grad, states, offs, offs < stop, per_tensor,
-                                    element_acc, BODY, FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE,
-                                    COMPUTE, SCALE_GRADS, ROUND_BF16_BY_HAND, PRECISION)
-            first += THREADS
+        element_acc = _element_loop(param, grad, states, start, numel, per_tensor, element_acc,
+                                    BODY, FN, FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE,
+                                    SCALE_GRADS, ROUND_BF16_BY_HAND, PRECISION, BLOCK, ITERS,
+                                    THREADS)
     return acc, element_acc
+
+
+@triton.jit
+def _element_loop(param, grad, states, start, numel, per_tensor, acc, BODY: tl.constexpr,
+                  FN: tl.constexpr, FLAGS: tl.constexpr, NUM_STATES: tl.constexpr,
+                  NUM_SUMS: tl.constexpr, STORAGE: tl.constexpr, COMPUTE: tl.constexpr,
+                  SCALE_GRADS: tl.constexpr, ROUND_BF16_BY_HAND: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                  THREADS: tl.constexpr):
+    """BODY on the chunk's elements from ``start`` (up to ``numel``), THREADS at a time,
+    masked, with no claim on alignment: a runtime loop, so that code and registers stay those
+    of one small block, whatever ITERS and VECTOR are."""
+    # (a while loop: triton 3.6's interpreter cannot take a loaded value as a range bound)
+    stop = start + tl.minimum(tl.maximum(numel - start, 0), BLOCK * ITERS)
+    first = start
+    while first < stop:
+        offs = first + tl.arange(0, THREADS)
+        acc = _elements(param, grad, states, offs, offs < stop, per_tensor, acc, BODY, FN,
+                        FLAGS, NUM_STATES, NUM_SUMS, STORAGE, COMPUTE, SCALE_GRADS,
+                        ROUND_BF16_BY_HAND, PRECISION)
+        first += THREADS
+    return acc
 
 
 @triton.jit

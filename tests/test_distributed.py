@@ -235,8 +235,16 @@ def _fsdp_precision_worker(rank: int, port: int, backend: str, dist_backend: str
         master = opt2.state[p]["master_param"]
         same = all(torch.equal(a.full_tensor(), b.full_tensor())
                    for a, b in zip(resumed.parameters(), straight.parameters()))
+        # 8-bit states do not take sharded params yet: refused at the step, nothing changed
+        before = full(resumed)
+        refused = ""
+        try:
+            fusedopt.AdamW(resumed.parameters(), state_dtype="8bit", backend=backend).step()
+        except NotImplementedError as e:
+            refused = str(e)
+        refused_cleanly = "8bit" in refused and torch.equal(full(resumed), before)
         results[rank] = (same, str(master.dtype), type(master).__name__,
-                         (full(resumed) - full(model())).abs().max().item())
+                         (full(resumed) - full(model())).abs().max().item(), refused_cleanly)
     finally:
         dist.destroy_process_group()
 
@@ -245,9 +253,11 @@ def _fsdp_precision_worker(rank: int, port: int, backend: str, dist_backend: str
 def test_fsdp2_master_weights_and_distributed_checkpoint(backend, request, tmp_path):
     """bf16 FSDP2 params with master weights: the masters are fp32 DTensors sharded like
     their params, the kernels update each rank's shards, and a distributed checkpoint
-    (masters included, kept in fp32 through the loader) continues the run exactly."""
+    (masters included, kept in fp32 through the loader) continues the run exactly. 8-bit
+    states refuse sharded params (not supported yet) before changing anything."""
     results = _spawn(_fsdp_precision_worker, backend, request, str(tmp_path / "ckpt"))
-    for rank, (same, dtype, kind, moved) in results.items():
+    for rank, (same, dtype, kind, moved, refused_cleanly) in results.items():
         assert same, f"rank {rank}: the resumed run left the uninterrupted one"
+        assert refused_cleanly, f"rank {rank}: state_dtype='8bit' with DTensor params"
         assert (dtype, kind) == ("torch.float32", "DTensor"), (rank, dtype, kind)
         assert moved > 1e-3, f"rank {rank}: the params barely moved"

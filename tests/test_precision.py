@@ -527,8 +527,10 @@ def test_errors_before_anything_changes():
         fusedopt.AdamW([p], master_weights=True, stochastic_rounding=True)
     with pytest.raises(ValueError, match="exclude each other"):
         fusedopt.SGD([p], lr=0.1, kahan_summation=True, master_weights=True)
-    with pytest.raises(NotImplementedError, match="8bit"):
-        fusedopt.Adam([p], state_dtype="8bit")
+    with pytest.raises(ValueError, match="8bit.*step_size"):
+        fusedopt.Rprop([p], state_dtype="8bit")
+    with pytest.raises(ValueError, match="8bit.*ax"):
+        fusedopt.ASGD([p], state_dtype="8bit")
     with pytest.raises(ValueError, match="state_dtype"):
         fusedopt.Adam([p], state_dtype=torch.int8)
     with pytest.raises(ValueError, match="True or False"):
