@@ -540,8 +540,10 @@ def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     """A state's values (rounded to float32) in 8 bits (:mod:`fusedopt.kernels.quantization`):
     ``(codes, absmax)``, codes uint8 laid out as ``x``, absmax float32 per block of
     ``BLOCK`` elements in memory order. Each element's code is the one nearest to
-    x / absmax of its block (ties to the lower code); a block of zeros has absmax 0 and the
-    code of 0."""
+    x / absmax of its block (ties to the lower code), except that a positive value of an
+    unsigned state never takes the code 0 but the smallest positive one: a second moment
+    rounded to 0 would make Adam's step m / (sqrt(v) + eps) into m / eps, where rounding up
+    only makes the step smaller. A block of zeros has absmax 0 and the code of 0."""
     x = x.to(torch.float32)
     blocks = memory_index(x) // quantization.BLOCK
     absmax = torch.zeros(quantization.num_blocks(x.numel()), dtype=torch.float32,
@@ -553,7 +555,10 @@ def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     low = (torch.searchsorted(code, normalized, right=True) - 1).clamp(0, 255)
     high = (low + 1).clamp(max=255)
     up = (code[high] - normalized) < (normalized - code[low])
-    return torch.where(up, high, low).to(torch.uint8), absmax
+    if not signed:
+        up |= (low == 0) & (normalized > 0)
+    codes = torch.empty_like(x, dtype=torch.uint8, memory_format=torch.preserve_format)
+    return codes.copy_(torch.where(up, high, low)), absmax
 
 
 def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:

@@ -7,8 +7,9 @@ memory order). Element ``i`` stands for ``CODE[q[i]] * absmax[i // BLOCK]``, whe
 is a sorted table of 256 values in [-1, 1] (signed: first moments, momenta) or [0, 1]
 (unsigned: second moments, accumulators): bitsandbytes' *dynamic* code, whose values are
 spread over seven decades, so that small elements of a block keep about two significant
-digits. A value is stored as the code nearest to ``x / absmax`` (ties to the lower code),
-with ``absmax`` the block's largest magnitude.
+digits. A value is stored as the code nearest to ``x / absmax`` (ties to the lower code;
+a positive value of an unsigned state never as 0), with ``absmax`` the block's largest
+magnitude.
 """
 
 from __future__ import annotations

@@ -324,11 +324,12 @@ def _state_values(raw, codes, NUM_STATES: tl.constexpr, COMPUTE: tl.constexpr,
 
 
 @triton.jit
-def _store_quantized(x, state, scale, code, offs, mask):
+def _store_quantized(x, state, scale, code, offs, mask, UNSIGNED: tl.constexpr):
     """Store a block of new state values ``x`` in 8 bits: per quantization block (whole
     blocks of lanes: the lanes start at a multiple of QUANT_BLOCK), the absmax of the lanes
     in ``mask``, and for each element the code nearest to x / absmax (ties to the lower code;
-    a binary search over the sorted code, as bitsandbytes does)."""
+    a binary search over the sorted code, as bitsandbytes does), but never 0 for a positive
+    value of an UNSIGNED state (see fusedopt.reference.quantize)."""
     LANES: tl.constexpr = x.shape[0]
     BLOCKS: tl.constexpr = LANES // QUANT_BLOCK
     x = x.to(tl.float32)
@@ -345,6 +346,8 @@ def _store_quantized(x, state, scale, code, offs, mask):
         low = tl.where(tl.load(code + candidate) <= normalized, candidate, low)
     high = tl.minimum(low + 1, CODE_SIZE - 1)
     up = (tl.load(code + high) - normalized) < (normalized - tl.load(code + low))
+    if UNSIGNED:  # (code[0] is 0)
+        up = up | ((low == 0) & (normalized > 0.0))
     tl.store(state + offs, tl.where(up, high, low).to(tl.uint8), mask=mask)
     blocks = tl.min(offs, axis=0) // QUANT_BLOCK + tl.arange(0, BLOCKS)
     if mask is None:
@@ -438,7 +441,8 @@ def _update_body(raw, param, states, offs, mask, per_tensor, acc, FN: tl.constex
     for i in tl.static_range(NUM_STATES - PRECISION[P_NUM_EXTRA]):
         if PRECISION[P_NUM_SCALES] > 0:
             _store_quantized(values[i], states[i], states[NUM_STATES + i],
-                             codes + ((PRECISION[P_UNSIGNED] >> i) & 1) * CODE_SIZE, offs, mask)
+                             codes + ((PRECISION[P_UNSIGNED] >> i) & 1) * CODE_SIZE, offs, mask,
+                             ((PRECISION[P_UNSIGNED] >> i) & 1) == 1)
         else:
             tl.store(states[i] + offs,
                      _to_storage(values[i], PRECISION[P_STATE], ROUND_BF16_BY_HAND), mask=mask)

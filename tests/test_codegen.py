@@ -117,7 +117,8 @@ def precision_modes():
 def test_precision_modes_compile_for_sm90_without_spills(precision_modes):
     """The precision modes' kernels (AdamW with AMP's inputs: the most code) lower for an
     H100 and spill nothing. States of another width than the param (master weights, fp32
-    states of bf16 params, bf16 states of fp32 params) keep to the register cap (16 bytes of
+    states of bf16 params, bf16 or 8-bit states of fp32 params, 8-bit states with master
+    weights: code gathers, a binary search, block maxima) keep to the register cap (16 bytes of
     the widest tensor per thread per block); Kahan's fifth tensor (at most 128) and stochastic
     rounding's Philox bits (at most 160: 128 with triton 3.8, 140 with 3.6) take more: fewer
     programs per SM; the 16-byte accesses stay. (Every optimizer:

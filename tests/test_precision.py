@@ -248,6 +248,7 @@ def test_bf16_states_are_fp32_states_rounded(case_id):
     opt = _make(case, params, "reference", state_dtype=torch.bfloat16)
     twin = case.make_torch(twin_params)
     (p,), (q,) = _flat(params), _flat(twin_params)
+    start = p.detach().clone()
     for step in range(8):
         grads = _grads([p], step)
         _set([p], grads)
@@ -798,3 +799,200 @@ def test_float64_params_with_bf16_states(kernel_device):
         results.append((p.detach().cpu(), opt.state[p]["exp_avg"].cpu()))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-14)
     assert torch.equal(results[0][1], results[1][1])
+
+
+# ---- 8-bit states ----------------------------------------------------------------------------
+
+
+def test_dynamic_codes_are_bitsandbytes():
+    """bitsandbytes' dynamic code: 256 sorted values; signed: 127 negative, 0, 128 positive
+    up to 1 (the largest below 1 the midpoint of the last of 64 steps of [0.1, 1]); unsigned:
+    0 up to 1, twice as fine; each decade 1e-6 .. 1 has its share."""
+    signed, unsigned = quantization.dynamic_code(True), quantization.dynamic_code(False)
+    for code in (signed, unsigned):
+        assert code.shape == (256,) and code.dtype == torch.float32
+        assert (code.diff() > 0).all()
+        assert code[-1] == 1.0 and (code == 0).sum() == 1
+    assert (signed < 0).sum() == 127 and signed[0] == -signed[-2]
+    assert signed[-2].item() == pytest.approx(1 - 0.9 / 128, rel=1e-6)
+    assert unsigned[0] == 0 and unsigned[-2].item() == pytest.approx(1 - 0.9 / 256, rel=1e-6)
+    assert signed[128].item() == pytest.approx(0.55e-6, rel=1e-6)  # the smallest positive
+    assert torch.equal(quantization.code_table("cpu"), torch.stack([signed, unsigned]))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last"])
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_quantize_picks_the_nearest_code_per_memory_block(layout, signed):
+    """quantize(): each block of 256 elements in memory order gets its largest magnitude as
+    absmax, and each element the code nearest to x / absmax (ties to the lower code, checked
+    against every code); dequantize() gives code times absmax. Values span seven decades."""
+    from fusedopt.reference import dequantize, quantize
+
+    gen = torch.Generator().manual_seed(3)
+    shape = {"contiguous": (1000,), "transposed": (40, 30), "channels_last": (3, 5, 7, 11)}
+    x = torch.randn(shape[layout], generator=gen) * 10.0 ** (
+        -6 * torch.rand(shape[layout], generator=gen))
+    if layout == "transposed":
+        x = x.t()
+    elif layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    if not signed:
+        x = x.abs()
+    x[..., 0] = 0.0
+    codes, absmax = quantize(x, signed)
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape
+    assert codes.stride() == x.stride()
+    # memory order: the dims by decreasing stride
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    flat = x.permute(order).reshape(-1)
+    flat_codes = codes.permute(order).reshape(-1).long()
+    blocks = torch.arange(flat.numel()) // 256
+    expected_absmax = torch.zeros(quantization.num_blocks(flat.numel())).index_reduce_(
+        0, blocks, flat.abs(), "amax")
+    assert torch.equal(absmax, expected_absmax)
+    code = quantization.dynamic_code(signed)
+    normalized = flat / expected_absmax[blocks]
+    distance = (code[None, :] - normalized[:, None]).abs()
+    nearest = distance.argmin(dim=1)  # (the first of equal distances: the lower code)
+    if not signed:  # a positive value never becomes 0: its smallest positive code instead
+        assert ((nearest == 0) & (normalized > 0)).any()  # (the rule is exercised)
+        nearest = torch.where((nearest == 0) & (normalized > 0), 1, nearest)
+    assert torch.equal(flat_codes, nearest)
+    values = dequantize(codes, absmax, signed)
+    assert torch.equal(values.permute(order).reshape(-1),
+                       code[flat_codes] * expected_absmax[blocks])
+    error = (values.permute(order).reshape(-1) - flat).abs()
+    assert (error <= code.diff().max() / 2 * 1.001 * expected_absmax[blocks]).all()
+
+
+@pytest.mark.parametrize("case_id", ["adamw-default", "sgd-momentum-dampening-wd",
+                                     "adagrad-decay-init-wd", "rmsprop-momentum-centered-wd"])
+def test_8bit_states_are_fp32_states_quantized(case_id):
+    """fp32 params with 8-bit states: after a first step, the param is torch's fp32 step
+    and each state is torch's fp32 state quantized; a step from dequantized states is torch's
+    step from those states; the run stays near torch's."""
+    case = CASE_BY_ID[case_id]
+    params = make_params((((5000,),),), torch.float32)
+    twin_params = [[p.detach().clone().requires_grad_() for p in g] for g in params]
+    opt = _make(case, params, "reference", state_dtype="8bit")
+    twin = case.make_torch(twin_params)
+    (p,), (q,) = _flat(params), _flat(twin_params)
+    start = p.detach().clone()
+    for step in range(8):
+        grads = _grads([p], step)
+        _set([p], grads)
+        _set([q], grads)
+        if step == 4:  # from here, torch starts from our (dequantized) states
+            q.data.copy_(p.data)
+            for name, value in twin.state[q].items():
+                if isinstance(value, torch.Tensor) and value.dim():
+                    absmax = opt.state[p][quantization.absmax_name(name)]
+                    value.copy_(precision.dequantized(opt.state[p][name], absmax, name))
+        opt.step()
+        twin.step()
+        if step in (0, 4):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+            for name, value in twin.state[q].items():
+                if isinstance(value, torch.Tensor) and value.dim():
+                    codes, absmax = precision.quantized(value, name)
+                    assert opt.state[p][name].dtype == torch.uint8
+                    _codes_close(opt.state[p][name], opt.state[p][quantization.absmax_name(name)],
+                                 codes, absmax, name, f"{case_id} step {step}")
+    moved = (q.detach() - start).abs().max().item()
+    torch.testing.assert_close(p, q, rtol=0, atol=0.05 * moved)
+
+
+def test_small_params_keep_full_precision_states(kernel_device):
+    """Params below quantization.MIN_NUMEL elements keep their states in full precision
+    (their own bucket, one more launch); from MIN_NUMEL on, states are 8-bit."""
+    small = torch.nn.Parameter(torch.randn(quantization.MIN_NUMEL - 1, device=kernel_device))
+    large = torch.nn.Parameter(torch.randn(quantization.MIN_NUMEL, device=kernel_device))
+    opt = fusedopt.AdamW([small, large], state_dtype="8bit", backend="triton")
+    for p in (small, large):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[small]["exp_avg"].dtype == torch.float32
+    assert "exp_avg_absmax" not in opt.state[small]
+    assert opt.state[large]["exp_avg"].dtype == torch.uint8
+    assert opt.state[large]["exp_avg_absmax"].shape == (quantization.MIN_NUMEL // 256,)
+    assert len(opt._buckets) == 2
+
+
+def test_8bit_checkpoints_to_and_from_torch_and_option_changes():
+    """torch_state_dict() dequantizes 8-bit states (absmax left out) and loads into
+    torch.optim; a torch checkpoint loads into an 8-bit optimizer, quantized; turning the
+    option off dequantizes the states (and drops the absmax), turning it on quantizes."""
+    gen = torch.Generator().manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(5000, generator=gen))
+    opt = fusedopt.AdamW([p], lr=1e-2, state_dtype="8bit", backend="reference")
+    p.grad = torch.randn(5000, generator=gen)
+    opt.step()
+    state = {k: v.clone() for k, v in opt.state[p].items()}
+    converted = precision.torch_state_dict(opt.state_dict())
+    assert set(converted["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(converted["state"][0][name], precision.dequantized(
+            state[name], state[quantization.absmax_name(name)], name))
+    q = torch.nn.Parameter(p.detach().clone())
+    twin = torch.optim.AdamW([q], lr=1e-2)
+    twin.load_state_dict(converted)
+    assert torch.equal(twin.state[q]["exp_avg"], converted["state"][0]["exp_avg"])
+    g = torch.randn(5000, generator=gen)
+    q.grad = g.clone()
+    twin.step()
+    # and back: torch's fp32 checkpoint into fusedopt with 8-bit states
+    r = torch.nn.Parameter(q.detach().clone())
+    ours = fusedopt.AdamW([r], lr=1e-2, state_dtype="8bit", backend="reference")
+    ours.load_state_dict(twin.state_dict())
+    for name in ("exp_avg", "exp_avg_sq"):
+        codes, absmax = precision.quantized(twin.state[q][name], name)
+        assert torch.equal(ours.state[r][name], codes)
+        assert torch.equal(ours.state[r][quantization.absmax_name(name)], absmax)
+    # the option turned off and on again between steps
+    ours.param_groups[0]["state_dtype"] = None
+    r.grad = torch.randn(5000, generator=gen)
+    before = precision.dequantized(ours.state[r]["exp_avg"], ours.state[r]["exp_avg_absmax"],
+                                   "exp_avg")
+    ours.step()
+    assert ours.state[r]["exp_avg"].dtype == torch.float32
+    assert set(ours.state[r]) == {"step", "exp_avg", "exp_avg_sq"}
+    torch.testing.assert_close(ours.state[r]["exp_avg"], 0.9 * before + 0.1 * r.grad)
+    ours.param_groups[0]["state_dtype"] = "8bit"
+    ours.step()
+    assert ours.state[r]["exp_avg"].dtype == torch.uint8 and "exp_avg_absmax" in ours.state[r]
+
+
+def test_8bit_bad_states_fail_before_anything_changes():
+    """An absmax deleted or replaced by hand, or a checkpoint whose 8-bit states lack theirs
+    or have them misshapen, raise ValueError before anything changes."""
+    gen = torch.Generator().manual_seed(6)
+    p = torch.nn.Parameter(torch.randn(5000, generator=gen))
+    opt = fusedopt.Adam([p], lr=1e-2, state_dtype="8bit", backend="reference")
+    p.grad = torch.randn(5000, generator=gen)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+
+    def unchanged():
+        assert torch.equal(p, before[0])
+        assert all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
+
+    for bad in (None, torch.zeros(3), torch.zeros(20, dtype=torch.float64)):
+        broken = copy.deepcopy(saved)
+        if bad is None:
+            del broken["state"][0]["exp_avg_absmax"]
+        else:
+            broken["state"][0]["exp_avg_absmax"] = bad
+        with pytest.raises(ValueError, match="exp_avg_absmax"):
+            opt.load_state_dict(broken)
+        unchanged()
+    absmax = opt.state[p].pop("exp_avg_absmax")
+    with pytest.raises(ValueError, match="exp_avg_absmax"):
+        opt.step()
+    assert torch.equal(p, before[0])
+    opt.state[p]["exp_avg_absmax"] = absmax[:3].clone()
+    with pytest.raises(ValueError, match="exp_avg_absmax"):
+        opt.step()
+    opt.state[p]["exp_avg_absmax"] = absmax
+    unchanged()
+    opt.step()  # and it goes on
