@@ -248,7 +248,6 @@ def test_bf16_states_are_fp32_states_rounded(case_id):
     opt = _make(case, params, "reference", state_dtype=torch.bfloat16)
     twin = case.make_torch(twin_params)
     (p,), (q,) = _flat(params), _flat(twin_params)
-    start = p.detach().clone()
     for step in range(8):
         grads = _grads([p], step)
         _set([p], grads)
