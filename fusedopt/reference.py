@@ -543,16 +543,21 @@ def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     x / absmax of its block (ties to the lower code), except that a positive value of an
     unsigned state never takes the code 0 but the smallest positive one: a second moment
     rounded to 0 would make Adam's step m / (sqrt(v) + eps) into m / eps, where rounding up
-    only makes the step smaller. A block of zeros has absmax 0 and the code of 0."""
+    only makes the step smaller. A block of zeros has absmax 0 and the code of 0. A block
+    with a NaN or an infinity gets an infinite absmax (its finite values become 0, the others
+    NaN, and take the code 0): all of it reads back as non-finite, as a training run that
+    diverged should, never as made-up finite values."""
     x = x.to(torch.float32)
     blocks = memory_index(x) // quantization.BLOCK
     absmax = torch.zeros(quantization.num_blocks(x.numel()), dtype=torch.float32,
                          device=x.device)
-    absmax.scatter_reduce_(0, blocks.reshape(-1), x.abs().reshape(-1), "amax")
+    magnitude = torch.where(x.isnan(), torch.inf, x.abs())
+    absmax.scatter_reduce_(0, blocks.reshape(-1), magnitude.reshape(-1), "amax")
     scale = absmax[blocks]
     normalized = torch.where(scale > 0, x / scale, 0.0)
     code = quantization.dynamic_code(signed).to(x.device)
     low = (torch.searchsorted(code, normalized, right=True) - 1).clamp(0, 255)
+    low = torch.where(normalized.isnan(), 0, low)
     high = (low + 1).clamp(max=255)
     up = (code[high] - normalized) < (normalized - code[low])
     if not signed:

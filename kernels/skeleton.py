@@ -329,11 +329,13 @@ def _store_quantized(x, state, scale, code, offs, mask, UNSIGNED: tl.constexpr):
     blocks of lanes: the lanes start at a multiple of QUANT_BLOCK), the absmax of the lanes
     in ``mask``, and for each element the code nearest to x / absmax (ties to the lower code;
     a binary search over the sorted code, as bitsandbytes does), but never 0 for a positive
-    value of an UNSIGNED state (see fusedopt.reference.quantize)."""
+    value of an UNSIGNED state; a block with a NaN or an infinity gets an infinite absmax, so
+    that all of it reads back as non-finite (see fusedopt.reference.quantize)."""
     LANES: tl.constexpr = x.shape[0]
     BLOCKS: tl.constexpr = LANES // QUANT_BLOCK
     x = x.to(tl.float32)
     magnitude = tl.abs(x)
+    magnitude = tl.where(magnitude == magnitude, magnitude, float("inf"))  # (NaN: see above)
     if mask is not None:
         magnitude = tl.where(mask, magnitude, 0.0)
     absmax = tl.max(tl.reshape(magnitude, [BLOCKS, QUANT_BLOCK]), axis=1)

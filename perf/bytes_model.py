@@ -14,9 +14,11 @@ ratio) or extra temporaries moves more and shows up below the ceiling.
 fusedopt's precision options (:mod:`fusedopt.precision`, given in ``hparams``) change it, for
 bf16/fp16 params: ``master_weights`` adds the fp32 master (read and written: 8 B) and keeps
 the states in fp32; ``kahan_summation`` adds the compensation (read and written, the param's
-dtype); ``stochastic_rounding`` moves nothing more; ``state_dtype`` sets the states' size.
-bf16 AdamW: 14 B plain, 30 B with master weights (p and g, the master, fp32 m and v), 18 B
-with Kahan.
+dtype); ``stochastic_rounding`` moves nothing more; ``state_dtype`` sets the states' size:
+``"8bit"`` states are a byte per element and a float32 absmax per 256 elements (1.015625 B;
+the model is that of params large enough to have them, see
+:mod:`fusedopt.kernels.quantization`). bf16 AdamW: 14 B plain, 30 B with master weights (p
+and g, the master, fp32 m and v), 18 B with Kahan; fp32 AdamW with 8-bit states 16.0625 B.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def bytes_per_param(
     *,
     grad_dtype: str | None = None,
     state_dtype: str | None = None,
-) -> int:
+) -> int | float:
     """Minimum bytes moved per parameter element by one step.
 
     ``dtype`` is the param dtype; grads and states default to the same dtype
@@ -108,26 +110,30 @@ def bytes_per_param(
 
 
 def _precision_sizes(dtype: str, hparams: Mapping[str, Any] | None,
-                     state_dtype: str | None = None) -> tuple[int, int]:
+                     state_dtype: str | None = None) -> tuple[int | float, int]:
     """(bytes of a state element, bytes of the precision mode's extra state element) for
-    params of ``dtype`` with the precision options in ``hparams``."""
+    params of ``dtype`` with the precision options in ``hparams`` (params large enough for
+    8-bit states: their absmax adds 4 bytes per block)."""
     import dataclasses
 
     import torch
 
+    from fusedopt.kernels import quantization
     from fusedopt.precision import precision_of, state_dtype_of
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                    "fp64": torch.float64}[canonical_dtype(dtype)]
-    mode = precision_of(dict(hparams or {}), torch.empty(0, dtype=torch_dtype), "bytes model")
+    large = torch.empty(quantization.MIN_NUMEL, dtype=torch_dtype, device="meta")
+    mode = precision_of(dict(hparams or {}), large, "bytes model")
     if state_dtype is not None:
         mode = dataclasses.replace(mode, state_dtype=state_dtype_of(canonical_dtype(state_dtype)))
     extra = sum(mode.dtype_of(name, torch_dtype).itemsize for name in mode.extras)
-    return mode.dtype_of("state", torch_dtype).itemsize, extra
+    state = mode.dtype_of("state", torch_dtype).itemsize
+    return (state + 4 / quantization.BLOCK if mode.quantized else state), extra
 
 
 def state_bytes_per_param(optimizer: str, dtype: str = "fp32",
-                          hparams: Mapping[str, Any] | None = None) -> int:
+                          hparams: Mapping[str, Any] | None = None) -> int | float:
     """Bytes of optimizer state kept per parameter element: the state buffers and the
     precision mode's extra one (scalars left out).
 
@@ -135,6 +141,8 @@ def state_bytes_per_param(optimizer: str, dtype: str = "fp32",
     12
     >>> state_bytes_per_param("AdamW", "fp32", {"state_dtype": "bf16"})
     4
+    >>> state_bytes_per_param("AdamW", "fp32", {"state_dtype": "8bit"})
+    2.03125
     """
     s, extra = _precision_sizes(dtype, hparams)
     return s * len(state_buffers(optimizer, hparams)) + extra
@@ -147,7 +155,7 @@ def describe(optimizer: str, hparams: Mapping[str, Any] | None = None) -> str:
 
 
 def resident_bytes_per_param(optimizer: str, dtype: str = "fp32",
-                             hparams: Mapping[str, Any] | None = None) -> int:
+                             hparams: Mapping[str, Any] | None = None) -> int | float:
     """Bytes per parameter element that a step touches: param, grad and each state buffer
     (and a precision mode's extra one), once each. Times the parameter count, it is the
     working set that has to fit in a cache for the step to run from it instead of from memory.

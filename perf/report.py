@@ -41,8 +41,10 @@ FIELDS = [
 META_FIELDS = ["device", "device_name", "torch_version", "triton_version", "fusedopt_version",
                "ceiling_gbps", "cache_bytes", "timing_threads"]  # fmt: skip
 
-_INT = {"num_tensors", "numel", "bytes_per_param", "steps", "repeats", "check_steps",
-        "cache_bytes", "timing_threads"}  # fmt: skip
+_INT = {"num_tensors", "numel", "steps", "repeats", "check_steps", "cache_bytes",
+        "timing_threads"}  # fmt: skip
+#: whole numbers but for 8-bit states (their absmax: 4 bytes per 256 elements)
+_NUMBER = {"bytes_per_param"}
 _FLOAT = {"ms_per_step", "ms_min", "ms_max", "spread_pct", "iqr_pct", "ms_per_step_events",
           "gbps", "gbps_events", "pct_of_ceiling", "working_set_mb", "speedup", "first_step_ms",
           "compile_s", "peak_mem_mb", "ceiling_gbps", "check_max_diff",
@@ -163,6 +165,9 @@ def _parse(key: str, value: str) -> Any:
         return None
     if key in _INT:
         return int(float(value))
+    if key in _NUMBER:
+        number = float(value)
+        return int(number) if number.is_integer() else number
     if key in _FLOAT:
         return float(value)
     if key in _BOOL:

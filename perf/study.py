@@ -11,7 +11,9 @@ the same order (the same seeds); only the optimizer's precision changes:
 * ``bf16``: bf16 params, plain AdamW (torch's bf16 AdamW: states in bf16, each update rounded
   to nearest into the bf16 params);
 * ``bf16 + master_weights``, ``bf16 + stochastic_rounding``, ``bf16 + kahan_summation``;
-* ``fp32 + state_dtype=bf16``.
+* ``fp32 + state_dtype=bf16``, ``fp32 + state_dtype=8bit`` and
+  ``bf16 + master_weights + state_dtype=8bit`` (block-wise 8-bit states; the model's params
+  below 4096 elements, its layer norms and biases, keep fp32 states).
 
 The forward and backward run in the params' dtype. The lr warms up, then decays on a cosine to a
 tenth: the late, small updates are the ones bf16 rounding loses. The runs use fusedopt's
@@ -23,7 +25,12 @@ state bytes per param (measured: the bytes of every state tensor after training,
 the parameter count).
 
     python -m fusedopt.perf.study --out perf/results/precision
+    python -m fusedopt.perf.study --runs "fp32 + state_dtype=8bit" --out perf/results/precision
     python -m fusedopt.perf.study --memory --out perf/results/precision
+
+``--runs`` runs some of the runs; those already in the output's ``study.json`` (made with the
+same steps, batch, lr and seed) are kept, so a new run joins the table without the others
+being run again.
 
 ``--memory`` measures the other half: the optimizer state each mode keeps, in bytes per param,
 on GPT-2 124M's parameter shapes (:func:`fusedopt.perf.workloads.gpt2_124m`), next to
@@ -38,6 +45,7 @@ import argparse
 import json
 import math
 import platform
+import shlex
 import sys
 import sysconfig
 import time
@@ -55,6 +63,9 @@ RUNS = (
     ("bf16 + stochastic_rounding", torch.bfloat16, {"stochastic_rounding": True}),
     ("bf16 + kahan_summation", torch.bfloat16, {"kahan_summation": True}),
     ("fp32 + state_dtype=bf16", torch.float32, {"state_dtype": torch.bfloat16}),
+    ("fp32 + state_dtype=8bit", torch.float32, {"state_dtype": "8bit"}),
+    ("bf16 + master_weights + state_dtype=8bit", torch.bfloat16,
+     {"master_weights": True, "state_dtype": "8bit"}),
 )
 CONFIG = GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=128)
 CORPUS_BYTES = 2_000_000
@@ -194,6 +205,9 @@ MEMORY_ROWS = (
     ("fusedopt.AdamW, bf16 params, stochastic_rounding", torch.bfloat16,
      {"stochastic_rounding": True}),
     ("fusedopt.AdamW, bf16 params, kahan_summation", torch.bfloat16, {"kahan_summation": True}),
+    ("fusedopt.AdamW, fp32 params, state_dtype=8bit", torch.float32, {"state_dtype": "8bit"}),
+    ("fusedopt.AdamW, bf16 params, master_weights, state_dtype=8bit", torch.bfloat16,
+     {"master_weights": True, "state_dtype": "8bit"}),
 )
 
 
@@ -234,6 +248,23 @@ def memory(out: Path) -> list[dict]:
     return rows
 
 
+def _earlier_runs(out: Path, settings: dict) -> tuple[dict[str, dict], list[str]]:
+    """The runs of ``out``'s study.json, by name, if it was made with these settings (steps,
+    batch, lr, seed; a run made with others is not comparable, and is an error), and the
+    commands that made them."""
+    path = out / "study.json"
+    if not path.exists():
+        return {}, []
+    saved = json.loads(path.read_text())
+    differ = {k: (saved["meta"].get(k), v) for k, v in settings.items()
+              if saved["meta"].get(k) != v}
+    if differ:
+        raise SystemExit(f"{path} was made with other settings (saved, now): {differ}; "
+                         "rerun every run, or choose another --out")
+    commands = saved["meta"].get("commands") or [saved["meta"]["command"]]
+    return {r["name"]: r for r in saved["runs"]}, commands
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=2000)
@@ -258,7 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     data = torch.frombuffer(bytearray(corpus()), dtype=torch.uint8).long()
     split = len(data) * 9 // 10
     train, held_out = data[:split], data[split:]
+    unknown = set(args.runs or ()) - {name for name, _, _ in RUNS}
+    if unknown:
+        parser.error(f"unknown runs {sorted(unknown)}; choose among "
+                     + ", ".join(name for name, _, _ in RUNS))
     chosen = [r for r in RUNS if args.runs is None or r[0] in args.runs]
+    settings = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed}
+    earlier, commands = _earlier_runs(args.out, settings) if args.runs else ({}, [])
     results = []
     for name, dtype, options in chosen:
         result = run_one(name, dtype, options, train, held_out, args.steps, args.batch,
@@ -267,14 +304,18 @@ def main(argv: list[str] | None = None) -> int:
               f"state {result['state_bytes_per_param']:.1f} B/param  {result['seconds']:.0f} s",
               flush=True)
         results.append(result)
+    done = {r["name"]: r for r in results}
+    results = [done.get(name) or earlier[name] for name, _, _ in RUNS
+               if name in done or name in earlier]
     import fusedopt
 
-    meta = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+    meta = {**settings,
             "params": num_params(GPT(CONFIG)), "corpus_bytes": len(data),
             "config": CONFIG.__dict__, "python": platform.python_version(),
             "torch": torch.__version__, "fusedopt": fusedopt.__version__,
             "machine": platform.machine(), "threads": torch.get_num_threads(),
-            "command": " ".join(["python -m fusedopt.perf.study", *(argv or sys.argv[1:])])}
+            "commands": [*commands, shlex.join(["python", "-m", "fusedopt.perf.study",
+                                              *(argv or sys.argv[1:])])]}
     write(results, meta, args.out)
     return 0
 

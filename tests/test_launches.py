@@ -288,9 +288,9 @@ def test_prepared_launch_passes_every_argument_in_signature_order(monkeypatch):
     monkeypatch.setattr(type(driver_module.driver), "active", property(lambda self: Active()))
     constexprs = {name: f"const-{name}" for name in JIT.arg_names if name.isupper()}
     kernel = skeleton.Prepared(JIT(), constexprs)
-    tensors = [torch.zeros(4) for _ in range(9)]
+    tensors = [torch.zeros(4) for _ in range(10)]
     runtime = (tensors[0], 7, tensors[1], tensors[2], 3, tensors[3], tensors[4], tensors[5],
-               tensors[6], tensors[7], tensors[8])
+               tensors[6], tensors[7], tensors[8], tensors[9])
     kernel((5,), runtime)
     kernel((5,), runtime)
     assert [c[0] for c in calls] == ["jit", "run"]
@@ -370,7 +370,8 @@ def test_prepared_launch_takes_the_register_cap_only_where_it_helps(monkeypatch,
     constexprs = {name: 0 for name in JIT.arg_names if name.isupper()}
     kernel = skeleton.Prepared(JIT(), constexprs)
     runtime = (torch.zeros(4), 1, torch.zeros(4), torch.zeros(4), 1, torch.zeros(4),
-               torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4))
+               torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4),
+               torch.zeros(4))
     for _ in range(5):
         kernel((1,), runtime)
     plain, capped = skeleton.LAUNCH_OPTIONS, skeleton.CAPPED_OPTIONS

@@ -995,3 +995,66 @@ def test_8bit_bad_states_fail_before_anything_changes():
     opt.state[p]["exp_avg_absmax"] = absmax
     unchanged()
     opt.step()  # and it goes on
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last"])
+def test_8bit_blocks_follow_memory_order_in_the_kernel(layout, kernel_device):
+    """The kernel's quantization blocks are runs of 256 elements in memory, as the
+    reference's: the same codes and absmax for params laid out otherwise than row-major."""
+    results = []
+    for backend in ("triton", "reference"):
+        gen = torch.Generator().manual_seed(8)
+        if layout == "transposed":
+            p = torch.nn.Parameter(torch.randn(70, 80, generator=gen).t())
+        else:
+            p = torch.nn.Parameter(torch.randn(2, 64, 8, 5, generator=gen)
+                                   .to(memory_format=torch.channels_last))
+        p.data = p.data.to(kernel_device)
+        opt = fusedopt.Adam([p], lr=1e-2, state_dtype="8bit", backend=backend)
+        for _ in range(2):
+            p.grad = torch.randn(p.shape, generator=gen).to(kernel_device)
+            opt.step()
+        assert opt.state[p]["exp_avg"].stride() == p.stride()
+        results.append({k: v.cpu() for k, v in opt.state[p].items()})
+    for name in ("exp_avg", "exp_avg_sq"):
+        absmax = quantization.absmax_name(name)
+        _codes_close(results[0][name], results[0][absmax], results[1][name],
+                     results[1][absmax], name, f"{layout} {name}")
+
+
+def test_8bit_non_finite_values_poison_their_block(kernel_device):
+    """A NaN or infinite state value (a diverged run without GradScaler) makes its whole
+    block read back as non-finite, on both backends alike; other blocks are untouched."""
+    results = []
+    for backend in ("triton", "reference"):
+        gen = torch.Generator().manual_seed(9)
+        p = torch.nn.Parameter(torch.randn(5000, generator=gen).to(kernel_device))
+        opt = fusedopt.AdamW([p], lr=1e-3, state_dtype="8bit", backend=backend)
+        g = torch.randn(5000, generator=gen)
+        g[300], g[3000] = float("nan"), float("inf")
+        p.grad = g.to(kernel_device)
+        opt.step()
+        state = {k: v.cpu() for k, v in opt.state[p].items()}
+        values = precision.dequantized(state["exp_avg"], state["exp_avg_absmax"], "exp_avg")
+        blocks = values.reshape(-1)[:4864].reshape(-1, 256)
+        poisoned = ~blocks.isfinite().all(dim=1)
+        assert poisoned.nonzero().flatten().tolist() == [1, 11]
+        assert (~blocks[1].isfinite()).all() and blocks[0].isfinite().all()
+        results.append(state)
+    assert all(torch.equal(results[0][k], results[1][k]) for k in ("exp_avg", "exp_avg_sq"))
+
+
+def test_adagrad_state_made_by_torchs_constructor_is_8bit():
+    """Adagrad makes its state in torch's constructor: with 8-bit states it is remade,
+    quantized at its initial value, so a state_dict taken before any step is fusedopt's and
+    converts to torch's."""
+    p = torch.nn.Parameter(torch.zeros(5000))
+    opt = fusedopt.Adagrad([p], initial_accumulator_value=0.3, state_dtype="8bit",
+                           backend="reference")
+    state = opt.state[p]
+    assert state["sum"].dtype == torch.uint8
+    assert torch.equal(precision.dequantized(state["sum"], state["sum_absmax"], "sum"),
+                       torch.full((5000,), 0.3))
+    converted = precision.torch_state_dict(opt.state_dict())
+    torch.optim.Adagrad([torch.nn.Parameter(p.detach().clone())]).load_state_dict(converted)
+    assert torch.equal(converted["state"][0]["sum"], torch.full((5000,), 0.3))
