@@ -247,12 +247,14 @@ def test_sparse_adam_matches_torch_on_an_embedding():
 
 
 @pytest.mark.parametrize("options", [{"master_weights": True}, {"stochastic_rounding": True},
-                                     {"kahan_summation": True}, {"state_dtype": "bf16"}],
-                         ids=lambda o: next(iter(o)))
+                                     {"kahan_summation": True}, {"state_dtype": "bf16"},
+                                     {"state_dtype": "8bit"}],
+                         ids=lambda o: "-".join(map(str, next(iter(o.items())))))
 def test_precision_modes_at_gpt2_sizes(options):
-    """Each precision mode on the GPU at GPT-2 sizes, bf16 params (fp32 for bf16 states):
-    one launch per step, and the kernels' results equal the reference path's on the same
-    device (but for the last-bit differences that flip a rounding)."""
+    """Each precision mode on the GPU at GPT-2 sizes, bf16 params (fp32 for bf16 and 8-bit
+    states): one launch per step and bucket (8-bit states: the small params' full-precision
+    states are a second bucket), and the kernels' results equal the reference path's on the
+    same device (but for the last-bit differences that flip a rounding or a code)."""
     dtype = torch.float32 if "state_dtype" in options else torch.bfloat16
     ours = _gpt2_like(dtype)
     theirs = _clone(ours)
@@ -262,8 +264,12 @@ def test_precision_modes_at_gpt2_sizes(options):
     ref = fusedopt.AdamW(flat(theirs), lr=1e-3, backend="reference", **options)
     launches = kernels.launch_count()
     _step_both(opt, ours, ref, theirs)
-    assert kernels.launch_count() - launches == STEPS
+    assert len(opt._buckets) == (2 if options.get("state_dtype") == "8bit" else 1)
+    assert kernels.launch_count() - launches == STEPS * len(opt._buckets)
     for p, q in zip(flat(ours), flat(theirs)):
         differ = (p != q).float().mean().item()
         assert differ < 0.01, differ  # a last-bit fp32 difference may flip a rounding
         torch.testing.assert_close(p.float(), q.float(), rtol=0.02, atol=1e-3)
+        for name, value in opt.state[p].items():
+            if value.dtype == torch.uint8:  # 8-bit codes: a flipped code now and then
+                assert (value != ref.state[q][name]).float().mean().item() < 0.01, name
