@@ -373,6 +373,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                                 dtype=torch.float32 if dtype == QUANTIZED else dtype,
                                 memory_format=torch.preserve_format)
                         elif value.dtype == QUANTIZED:  # 8-bit states kept in another dtype
+                            precision.check_quantized(value, absmax, name,
+                                                      f"fusedopt.{type(self).__name__}")
                             value = precision.dequantized(value.to(p.device),
                                                           absmax.to(p.device), name)
                             state.pop(scale, None)

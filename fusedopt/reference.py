@@ -538,8 +538,9 @@ def memory_index(x: Tensor) -> Tensor:
 
 def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     """A state's values (rounded to float32) in 8 bits (:mod:`fusedopt.kernels.quantization`):
-    ``(codes, absmax)``, codes uint8 laid out as ``x``, absmax float32 per block of
-    ``BLOCK`` elements in memory order. Each element's code is the one nearest to
+    ``(codes, absmax)``, codes uint8 laid out as ``x`` (each the byte of a code index,
+    :func:`fusedopt.kernels.quantization.byte_of`: 0 is the value 0), absmax float32 per block
+    of ``BLOCK`` elements in memory order. Each element's code is the one nearest to
     x / absmax of its block (ties to the lower code), except that a positive value of an
     unsigned state never takes the code 0 but the smallest positive one: a second moment
     rounded to 0 would make Adam's step m / (sqrt(v) + eps) into m / eps, where rounding up
@@ -563,14 +564,15 @@ def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     if not signed:
         up |= (low == 0) & (normalized > 0)
     codes = torch.empty_like(x, dtype=torch.uint8, memory_format=torch.preserve_format)
-    return codes.copy_(torch.where(up, high, low)), absmax
+    return codes.copy_(quantization.byte_of(torch.where(up, high, low), signed)), absmax
 
 
 def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     """The float32 values 8-bit states ``(codes, absmax)`` stand for: code times the
     block's absmax."""
     code = quantization.dynamic_code(signed).to(codes.device)
-    return code[codes.long()] * absmax[memory_index(codes) // quantization.BLOCK]
+    index = quantization.index_of(codes, signed)
+    return code[index] * absmax[memory_index(codes) // quantization.BLOCK]
 
 
 def precise_update(update, param: Tensor, grad: Tensor, states: dict[str, Tensor | None],

@@ -9,7 +9,9 @@ is a sorted table of 256 values in [-1, 1] (signed: first moments, momenta) or [
 spread over seven decades, so that small elements of a block keep about two significant
 digits. A value is stored as the code nearest to ``x / absmax`` (ties to the lower code;
 a positive value of an unsigned state never as 0), with ``absmax`` the block's largest
-magnitude.
+magnitude. The byte stored is the code's index in the sorted table less the index of 0
+(modulo 256, :func:`byte_of`), so that a zero byte is the value 0 in both codes: a state
+zeroed in place (``state["exp_avg"].zero_()``, a reset of the moments) reads back as zeros.
 """
 
 from __future__ import annotations
@@ -63,8 +65,23 @@ def dynamic_code(signed: bool) -> torch.Tensor:
         if signed:
             values += (-(10 ** (decade - 6)) * means).tolist()
     values += [0.0, 1.0]
-    assert len(values) == 256
-    return torch.tensor(sorted(values), dtype=torch.float32)
+    code = torch.tensor(sorted(values), dtype=torch.float32)
+    assert len(code) == 256 and code[ZERO_INDEX[signed]] == 0
+    return code
+
+
+#: The index of 0 in each sorted code (signed: after its 127 negative values).
+ZERO_INDEX = {True: 127, False: 0}
+
+
+def byte_of(index: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The stored byte of a code index: the index less that of 0, modulo 256."""
+    return ((index - ZERO_INDEX[signed]) & 255).to(torch.uint8)
+
+
+def index_of(byte: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The code index of a stored byte (int64)."""
+    return (byte.long() + ZERO_INDEX[signed]) & 255
 
 
 @functools.cache

@@ -80,6 +80,8 @@ P_UNSIGNED: tl.constexpr = tl.constexpr(5)
 # 8-bit states: elements per absmax, entries per code (kernels/quantization.py)
 QUANT_BLOCK: tl.constexpr = tl.constexpr(quantization.BLOCK)
 CODE_SIZE: tl.constexpr = tl.constexpr(256)
+# the index of 0 in the signed code (the stored byte is the index less it: a zero byte is 0)
+SIGNED_ZERO: tl.constexpr = tl.constexpr(quantization.ZERO_INDEX[True])
 
 # A program handles one chunk of ITERS blocks; a block is one 16-byte vector per thread per
 # tensor (BLOCK = threads x elements per 16 bytes), so every access of the aligned path is one
@@ -315,8 +317,9 @@ def _state_values(raw, codes, NUM_STATES: tl.constexpr, COMPUTE: tl.constexpr,
     values = ()
     for i in tl.static_range(NUM_STATES - PRECISION[P_NUM_EXTRA]):
         if PRECISION[P_NUM_SCALES] > 0:
-            code = codes + ((PRECISION[P_UNSIGNED] >> i) & 1) * CODE_SIZE
-            value = tl.load(code + raw[2 + i].to(tl.int32)) * raw[2 + NUM_STATES + i]
+            unsigned = (PRECISION[P_UNSIGNED] >> i) & 1
+            index = (raw[2 + i].to(tl.int32) + (1 - unsigned) * SIGNED_ZERO) & (CODE_SIZE - 1)
+            value = tl.load(codes + unsigned * CODE_SIZE + index) * raw[2 + NUM_STATES + i]
             values = values + (value.to(COMPUTE),)
         else:
             values = values + (raw[2 + i].to(COMPUTE),)
@@ -327,8 +330,9 @@ def _state_values(raw, codes, NUM_STATES: tl.constexpr, COMPUTE: tl.constexpr,
 def _store_quantized(x, state, scale, code, offs, mask, UNSIGNED: tl.constexpr):
     """Store a block of new state values ``x`` in 8 bits: per quantization block (whole
     blocks of lanes: the lanes start at a multiple of QUANT_BLOCK), the absmax of the lanes
-    in ``mask``, and for each element the code nearest to x / absmax (ties to the lower code;
-    a binary search over the sorted code, as bitsandbytes does), but never 0 for a positive
+    in ``mask``, and for each element the byte of the code nearest to x / absmax (ties to the
+    lower code; a binary search over the sorted code, as bitsandbytes does), but never 0 for
+    a positive
     value of an UNSIGNED state; a block with a NaN or an infinity gets an infinite absmax, so
     that all of it reads back as non-finite (see fusedopt.reference.quantize)."""
     LANES: tl.constexpr = x.shape[0]
@@ -350,7 +354,11 @@ def _store_quantized(x, state, scale, code, offs, mask, UNSIGNED: tl.constexpr):
     up = (tl.load(code + high) - normalized) < (normalized - tl.load(code + low))
     if UNSIGNED:  # (code[0] is 0)
         up = up | ((low == 0) & (normalized > 0.0))
-    tl.store(state + offs, tl.where(up, high, low).to(tl.uint8), mask=mask)
+        zero = 0
+    else:
+        zero = SIGNED_ZERO
+    index = tl.where(up, high, low)
+    tl.store(state + offs, ((index - zero) & (CODE_SIZE - 1)).to(tl.uint8), mask=mask)
     blocks = tl.min(offs, axis=0) // QUANT_BLOCK + tl.arange(0, BLOCKS)
     if mask is None:
         tl.store(scale + blocks, absmax)

@@ -817,6 +817,12 @@ def test_dynamic_codes_are_bitsandbytes():
     assert unsigned[0] == 0 and unsigned[-2].item() == pytest.approx(1 - 0.9 / 256, rel=1e-6)
     assert signed[128].item() == pytest.approx(0.55e-6, rel=1e-6)  # the smallest positive
     assert torch.equal(quantization.code_table("cpu"), torch.stack([signed, unsigned]))
+    # the stored byte 0 is the value 0 in both codes (a state zeroed in place reads 0)
+    for is_signed, code in ((True, signed), (False, unsigned)):
+        index = quantization.index_of(torch.arange(256, dtype=torch.uint8), is_signed)
+        assert code[index[0]] == 0 and sorted(index.tolist()) == list(range(256))
+        assert torch.equal(quantization.byte_of(index, is_signed),
+                           torch.arange(256, dtype=torch.uint8))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last"])
@@ -844,7 +850,7 @@ def test_quantize_picks_the_nearest_code_per_memory_block(layout, signed):
     # memory order: the dims by decreasing stride
     order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
     flat = x.permute(order).reshape(-1)
-    flat_codes = codes.permute(order).reshape(-1).long()
+    flat_codes = quantization.index_of(codes.permute(order).reshape(-1), signed)
     blocks = torch.arange(flat.numel()) // 256
     expected_absmax = torch.zeros(quantization.num_blocks(flat.numel())).index_reduce_(
         0, blocks, flat.abs(), "amax")
@@ -1058,3 +1064,29 @@ def test_adagrad_state_made_by_torchs_constructor_is_8bit():
     converted = precision.torch_state_dict(opt.state_dict())
     torch.optim.Adagrad([torch.nn.Parameter(p.detach().clone())]).load_state_dict(converted)
     assert torch.equal(converted["state"][0]["sum"], torch.full((5000,), 0.3))
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_8bit_state_zeroed_in_place_reads_zero(backend):
+    """A zero byte is the value 0 in both codes: moments reset in place
+    (``state["exp_avg"].zero_()``) continue as torch's moments reset to zeros would."""
+    gen = torch.Generator().manual_seed(10)
+    p = torch.nn.Parameter(torch.randn(5000, generator=gen))
+    q = torch.nn.Parameter(p.detach().clone())
+    opt = fusedopt.Adam([p], lr=1e-2, state_dtype="8bit", backend=backend)
+    twin = torch.optim.Adam([q], lr=1e-2)
+    for step in range(3):
+        g = torch.randn(5000, generator=gen)
+        p.grad, q.grad = g.clone(), g.clone()
+        if step == 2:  # both reset their moments; the params are made equal too
+            for name in ("exp_avg", "exp_avg_sq"):
+                opt.state[p][name].zero_()
+                twin.state[q][name].zero_()
+            q.data.copy_(p.data)
+        opt.step()
+        twin.step()
+    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    for name in ("exp_avg", "exp_avg_sq"):
+        codes, absmax = precision.quantized(twin.state[q][name], name)
+        _codes_close(opt.state[p][name], opt.state[p][quantization.absmax_name(name)], codes,
+                     absmax, name, name)
