@@ -55,6 +55,20 @@ def test_bytes_mixed_precision_and_aliases():
     assert bytes_per_param("SGD", "half", {"momentum": 0.9}) == 10
 
 
+def test_bytes_with_8bit_states():
+    """8-bit states: a byte per element and a float32 absmax per 256 (read and written), for
+    params large enough to have them; a results CSV reads the fraction back as written."""
+    from fusedopt.perf import report
+
+    assert bytes_per_param("AdamW", "fp32", {"state_dtype": "8bit"}) == 12 + 4 * (1 + 4 / 256)
+    assert bytes_per_param("AdamW", "bf16", {"state_dtype": "8bit", "master_weights": True}) \
+        == 6 + 4 * (1 + 4 / 256) + 8
+    assert bytes_model.state_bytes_per_param("Lion", "bf16", {"state_dtype": "8bit"}) \
+        == 1 + 4 / 256
+    assert report._parse("bytes_per_param", "16.0625") == 16.0625
+    assert report._parse("bytes_per_param", "28") == 28
+
+
 def test_bytes_model_rejects_unknown_names():
     with pytest.raises(UnknownNameError, match="valid optimizers: Adam, AdamW"):
         bytes_per_param("Adamm", "fp32")
