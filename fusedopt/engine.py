@@ -296,7 +296,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         """torch.optim's state_dict, with each param's state a plain dict (as torch's own, so
         that ``torch.load(weights_only=True)`` and torch.optim read it)."""
         saved = super().state_dict()
-        saved["state"] = {key: dict(value) for key, value in saved["state"].items()}
+        # (8-bit states' codes saved as "<state>_codes": torch.optim cannot mistake them)
+        saved["state"] = {key: precision.saved_state(dict(value))
+                          for key, value in saved["state"].items()}
         if "_seed" in self.__dict__:  # stochastic rounding's seed and launch counts
             counts = dict(self.__dict__.get("_rounding_loaded", {}))
             counts.update({key: int(t[1]) for key, t in self.__dict__.get("_rounding",
@@ -310,6 +312,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         A state_dict from another optimizer, or with state tensors of the wrong shape, raises
         ValueError before anything is changed.
         """
+        if isinstance(state_dict.get("state"), dict):  # 8-bit codes under their state's name
+            state_dict = {**state_dict, "state": {
+                key: precision.live_state(value) if isinstance(value, dict) else value
+                for key, value in state_dict["state"].items()}}
         self._check_loaded_state(state_dict)
         rounding = precision.check_rounding_state(state_dict.get(precision.ROUNDING_KEY),
                                                   f"fusedopt.{type(self).__name__}")
@@ -346,6 +352,27 @@ class FusedOptimizer(torch.optim.Optimizer):
         constructor (Adagrad makes its state there; ``remake``: such a state is made again in
         its dtype from its initial value, not cast from the param's)."""
         kept = kept or {}
+        owner = f"fusedopt.{type(self).__name__}"
+        # first every 8-bit state to be read is checked, then states are converted: an error
+        # leaves nothing half converted
+        for checking in (True, False):
+            for g, i, p, state, variant in self._states_by_variant(kept):
+                for name in variant.element_tensors:
+                    value = kept.get((g, i, name), dict.get(state, name))
+                    dtype = stored_dtype(p, name, variant.dtype_of)
+                    scale = quantization.absmax_name(name)
+                    absmax = kept.get((g, i, scale), dict.get(state, scale))
+                    if checking:
+                        if (isinstance(value, Tensor) and value.dtype == QUANTIZED
+                                and value.dtype != dtype and not remake):
+                            precision.check_quantized(value, absmax, name, owner)
+                        continue
+                    self._state_in_its_dtype(p, state, name, value, dtype, absmax,
+                                             self.param_groups[g], remake)
+
+    def _states_by_variant(self, kept: dict):
+        """(group index, index in the group, param, its state, its variant) of every param
+        with state; the scalar states torch's loader would have cast (``kept``) restored."""
         for g, group in enumerate(self.param_groups):
             flags = self._group_flags(group)
             for i, p in enumerate(group["params"]):
@@ -359,35 +386,34 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for name in self.algorithm.scalars:  # (the step puts them on their device)
                     if (g, i, name) in kept:
                         state[name] = kept[g, i, name]
-                variant = Variant(self.algorithm, self._variant_states(flags, self._param_kind(p)),
-                                  tuple(flags.values()), real_dtype(p), precision=mode)
-                for name in variant.element_tensors:
-                    value = kept.get((g, i, name), dict.get(state, name))
-                    dtype = stored_dtype(p, name, variant.dtype_of)
-                    scale = quantization.absmax_name(name)
-                    absmax = kept.get((g, i, scale), dict.get(state, scale))
-                    if isinstance(value, Tensor) and value.dtype != dtype:
-                        if remake:  # made by torch's constructor: made again, in its dtype
-                            value = torch.full_like(
-                                value, self._state_init(name, group),
-                                dtype=torch.float32 if dtype == QUANTIZED else dtype,
-                                memory_format=torch.preserve_format)
-                        elif value.dtype == QUANTIZED:  # 8-bit states kept in another dtype
-                            precision.check_quantized(value, absmax, name,
-                                                      f"fusedopt.{type(self).__name__}")
-                            value = precision.dequantized(value.to(p.device),
-                                                          absmax.to(p.device), name)
-                            state.pop(scale, None)
-                        value = value.to(device=p.device)
-                        if dtype == QUANTIZED:
-                            state[name], state[scale] = precision.quantized(value, name)
-                        else:
-                            state[name] = value.to(dtype)
-                    elif isinstance(value, Tensor):
-                        if value is not dict.get(state, name):
-                            state[name] = value.to(device=p.device)
-                        if dtype == QUANTIZED and absmax is not dict.get(state, scale):
-                            state[scale] = absmax.to(device=p.device)
+                yield g, i, p, state, Variant(
+                    self.algorithm, self._variant_states(flags, self._param_kind(p)),
+                    tuple(flags.values()), real_dtype(p), precision=mode)
+
+    def _state_in_its_dtype(self, p: Tensor, state: dict, name: str, value: Any,
+                            dtype: torch.dtype, absmax: Any, group: dict, remake: bool
+                            ) -> None:
+        """State ``name`` of ``p`` (``value``, as found or saved) in ``dtype``: cast,
+        quantized or dequantized; its 8-bit absmax kept, made or dropped alongside."""
+        scale = quantization.absmax_name(name)
+        if isinstance(value, Tensor) and value.dtype != dtype:
+            if remake:  # made by torch's constructor: made again, in its dtype
+                value = torch.full_like(value, self._state_init(name, group),
+                                        dtype=torch.float32 if dtype == QUANTIZED else dtype,
+                                        memory_format=torch.preserve_format)
+            elif value.dtype == QUANTIZED:  # 8-bit states kept in another dtype
+                value = precision.dequantized(value.to(p.device), absmax.to(p.device), name)
+                state.pop(scale, None)
+            value = value.to(device=p.device)
+            if dtype == QUANTIZED:
+                state[name], state[scale] = precision.quantized(value, name)
+            else:
+                state[name] = value.to(dtype)
+        elif isinstance(value, Tensor):
+            if value is not dict.get(state, name):
+                state[name] = value.to(device=p.device)
+            if dtype == QUANTIZED and absmax is not dict.get(state, scale):
+                state[scale] = absmax.to(device=p.device)
 
     def _completed_as_torch_would(self, saved_group: dict) -> dict:
         """A saved param group with the keys an older torch did not save filled in by the
@@ -494,7 +520,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 or not self._same_groups(flags) or precision_changed):
             buckets = self._make_buckets(flags)  # (every group's options checked first)
             if precision_changed:  # a group's precision options changed: states follow
-                self._states_in_their_dtypes()
+                try:
+                    self._states_in_their_dtypes()
+                except BaseException:
+                    self._group_precision_seen = None  # (converted at the next step)
+                    raise
                 self._seen_state_changes = getattr(self.state, "changes", [-1])[0]
             self._buckets = buckets
         clip_coef = self._pending_clip_coefficient()  # raises if the grads changed under it

@@ -24,7 +24,9 @@ options, kept in each param group like torch's own options (so groups can differ
   second moments and accumulators), dequantized in registers and requantized in the same
   launch. Params of fewer than 4096 elements keep full-precision states (the default
   dtype). Rprop and ASGD do not take it (their states are step sizes, previous grads and a
-  parameter average, not moment estimates), nor do sharded (FSDP2) params yet.
+  parameter average, not moment estimates), nor does centered RMSprop (its variance
+  estimate, a difference of two quantized states, turns negative), nor do sharded (FSDP2)
+  params yet.
 
 The first three apply to low-precision params only: fp32/fp64 params in the same group are
 updated as usual. They exclude each other (each is another way of keeping the param's lost
@@ -90,6 +92,11 @@ def check_options(owner: str, group: dict[str, Any], states: tuple[str, ...] = (
         raise ValueError(f"{owner}: state_dtype='8bit' quantizes moment estimates; "
                          f"{', '.join(others)} are not (keep them in torch.bfloat16 or "
                          "torch.float32)")
+    if state_dtype == QUANTIZED and group.get("centered"):
+        raise ValueError(f"{owner}: state_dtype='8bit' with centered=True: square_avg - "
+                         "grad_avg**2 turns negative (a NaN square root) once the two are "
+                         "quantized apart; use torch.bfloat16 states (bitsandbytes refuses it "
+                         "too)")
 
 
 def precision_of(group: dict[str, Any], p: Tensor, owner: str) -> Precision:
@@ -158,12 +165,38 @@ def check_quantized(codes: Tensor, absmax: Any, name: str, owner: str) -> None:
         raise ValueError(f"{owner}: state {name!r} is uint8, but it is never kept in 8 bits")
     blocks = quantization.num_blocks(codes.numel())
     if (not isinstance(absmax, Tensor) or absmax.dtype != torch.float32
-            or absmax.shape != (blocks,) or absmax.device != codes.device):
+            or absmax.shape != (blocks,) or absmax.device != codes.device
+            or not absmax.is_contiguous()):
         found = "missing" if absmax is None else (
-            f"{absmax.dtype} {tuple(absmax.shape)} on {absmax.device}"
-            if isinstance(absmax, Tensor) else type(absmax).__name__)
-        raise ValueError(f"{owner}: the 8-bit state {name!r} needs {scale!r}, float32 of "
-                         f"shape ({blocks},) on {codes.device}; it is {found}")
+            f"{absmax.dtype} {tuple(absmax.shape)} with strides {absmax.stride()} on "
+            f"{absmax.device}" if isinstance(absmax, Tensor) else type(absmax).__name__)
+        raise ValueError(f"{owner}: the 8-bit state {name!r} needs {scale!r}, a contiguous "
+                         f"float32 tensor of shape ({blocks},) on {codes.device}; it is "
+                         f"{found}")
+
+
+def saved_state(values: dict[str, Any]) -> dict[str, Any]:
+    """A param's state as ``state_dict()`` saves it: each 8-bit state's codes under
+    ``<state>_codes`` (:data:`fusedopt.kernels.quantization.CODES_SUFFIX`)."""
+    def key(name: str, value: Any) -> str:
+        if (isinstance(value, Tensor) and value.dtype == QUANTIZED
+                and quantization.absmax_name(name) in values):
+            return name + quantization.CODES_SUFFIX
+        return name
+
+    return {key(name, value): value for name, value in values.items()}
+
+
+def live_state(values: dict[str, Any]) -> dict[str, Any]:
+    """A saved param state with each 8-bit state's codes under the state's own name again,
+    as ``optimizer.state`` keeps them (the inverse of :func:`saved_state`)."""
+    def key(name: str, value: Any) -> str:
+        if (name.endswith(quantization.CODES_SUFFIX) and isinstance(value, Tensor)
+                and value.dtype == QUANTIZED):
+            return name.removesuffix(quantization.CODES_SUFFIX)
+        return name
+
+    return {key(name, value): value for name, value in values.items()}
 
 
 def torch_state_dict(state_dict: dict[str, Any], dtype: torch.dtype = torch.float32
@@ -189,11 +222,15 @@ def torch_state_dict(state_dict: dict[str, Any], dtype: torch.dtype = torch.floa
         codes = {name: value for name, value in values.items()
                  if isinstance(value, Tensor) and value.dtype == QUANTIZED}
         scales = {quantization.absmax_name(name) for name in codes}
+        for name, value in codes.items():
+            check_quantized(value, values.get(quantization.absmax_name(name)), name,
+                            "torch_state_dict")
         return {name: converted(dequantized(value, values[quantization.absmax_name(name)], name)
                                 if name in codes else value)
                 for name, value in values.items() if name not in EXTRAS and name not in scales}
 
-    state = {key: full_precision(values) for key, values in state_dict["state"].items()}
+    state = {key: full_precision(live_state(values))
+             for key, values in state_dict["state"].items()}
     groups = [{k: v for k, v in group.items() if k not in OPTIONS}
               for group in state_dict["param_groups"]]
     others = {k: v for k, v in state_dict.items()

@@ -215,8 +215,26 @@ class StateOfBucket:
                 fresh = fresh or name not in self.extras
                 self.created.append((state, name))
                 state[name] = value
+            elif value.dtype == QUANTIZED and value.stride() != p.stride():
+                value = self._quantized_in_params_layout(p, state, name, value)
             tensors.append(value)  # (in its own layout: the triton runner copes, see there)
         return tensors, fresh
+
+    @staticmethod
+    def _quantized_in_params_layout(p: Tensor, state: dict, name: str, codes: Tensor
+                                    ) -> Tensor:
+        """8-bit codes laid out otherwise than their param (the param re-laid through
+        ``p.data``, a checkpoint of another layout), quantized again in the param's layout:
+        their blocks are runs of memory, which the kernel walks in the param's order. (Codes
+        and absmax were checked: check_existing_state.)"""
+        from fusedopt.precision import dequantized, quantized
+
+        scale = quantization.absmax_name(name)
+        values = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        values.copy_(dequantized(codes, dict.get(state, scale), name))
+        codes, state[scale] = quantized(values, name)
+        state[name] = codes
+        return codes
 
     def _scalars(self, p: Tensor, state: dict, group: dict) -> list[Tensor]:
         scalars = []
@@ -276,3 +294,6 @@ def check_existing_state(opt, p: Tensor, names: tuple[str, ...], owner: str, whe
                 "state along with the model)")
         if value.layout != torch.strided:
             raise ValueError(f"{owner}: state {name!r} of {where} is a {value.layout} tensor")
+        if name.endswith(quantization.ABSMAX_SUFFIX) and not value.is_contiguous():
+            raise ValueError(f"{owner}: state {name!r} of {where} is not contiguous (strides "
+                             f"{value.stride()}); the kernels read it as one value per block")

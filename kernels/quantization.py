@@ -33,6 +33,10 @@ UNSIGNED_STATES = frozenset({"exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg"
 SIGNED_STATES = frozenset({"exp_avg", "momentum_buffer", "grad_avg"})
 #: The suffix of the absmax state of a quantized state ("exp_avg" -> "exp_avg_absmax").
 ABSMAX_SUFFIX = "_absmax"
+#: The suffix a quantized state's codes take in a state_dict ("exp_avg" -> "exp_avg_codes"),
+#: so that torch.optim, given such a checkpoint, cannot take the codes for the values (it
+#: would cast them to floats: 0..255); in ``optimizer.state`` they keep the state's name.
+CODES_SUFFIX = "_codes"
 
 
 def absmax_name(state: str) -> str:

@@ -297,6 +297,10 @@ def test_kernel_matches_reference(case_id, mode, kernel_device):
         with pytest.raises(ValueError, match="8bit"):
             _make(case, ours, "triton", **MODES[mode])
         return
+    if "8bit" in mode and case.options.get("centered"):  # (a difference of quantized states)
+        with pytest.raises(ValueError, match="centered"):
+            _make(case, ours, "triton", **MODES[mode])
+        case = CASE_BY_ID["rmsprop-default"]
     torch.manual_seed(7)
     opt = _make(case, ours, "triton", **MODES[mode])
     torch.manual_seed(7)
@@ -531,6 +535,8 @@ def test_errors_before_anything_changes():
         fusedopt.Rprop([p], state_dtype="8bit")
     with pytest.raises(ValueError, match="8bit.*ax"):
         fusedopt.ASGD([p], state_dtype="8bit")
+    with pytest.raises(ValueError, match="8bit.*centered"):
+        fusedopt.RMSprop([p], state_dtype="8bit", centered=True)
     with pytest.raises(ValueError, match="state_dtype"):
         fusedopt.Adam([p], state_dtype=torch.int8)
     with pytest.raises(ValueError, match="True or False"):
@@ -871,7 +877,7 @@ def test_quantize_picks_the_nearest_code_per_memory_block(layout, signed):
 
 
 @pytest.mark.parametrize("case_id", ["adamw-default", "sgd-momentum-dampening-wd",
-                                     "adagrad-decay-init-wd", "rmsprop-momentum-centered-wd"])
+                                     "adagrad-decay-init-wd", "rmsprop-default"])
 def test_8bit_states_are_fp32_states_quantized(case_id):
     """fp32 params with 8-bit states: after a first step, the param is torch's fp32 step
     and each state is torch's fp32 state quantized; a step from dequantized states is torch's
@@ -1090,3 +1096,81 @@ def test_8bit_state_zeroed_in_place_reads_zero(backend):
         codes, absmax = precision.quantized(twin.state[q][name], name)
         _codes_close(opt.state[p][name], opt.state[p][quantization.absmax_name(name)], codes,
                      absmax, name, name)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_8bit_codes_follow_a_param_re_laid_out(backend):
+    """A param re-laid through ``p.data`` (channels_last) after its 8-bit states exist, or a
+    checkpoint of another layout: the codes are quantized again in the param's layout (the
+    blocks are runs of memory), so that the kernel reads each element with its own block's
+    absmax; the run stays next to the same run with fp32 states."""
+    gen = torch.Generator().manual_seed(12)
+    start = torch.randn(4, 16, 8, 10, generator=gen)
+    grads = [torch.randn(4, 16, 8, 10, generator=gen) for _ in range(4)]
+    runs = []
+    for state_dtype in ("8bit", None):
+        p = torch.nn.Parameter(start.clone())
+        opt = fusedopt.Adam([p], lr=1e-2, state_dtype=state_dtype, backend=backend)
+        for step, g in enumerate(grads):
+            if step == 2:
+                p.data = p.data.to(memory_format=torch.channels_last)
+            p.grad = g.clone().to(memory_format=torch.channels_last if step >= 2 else
+                                  torch.contiguous_format)
+            opt.step()
+        runs.append((p.detach().clone(), opt.state[p]))
+    (p8, state), (p32, full) = runs
+    assert state["exp_avg"].stride() == p8.stride()
+    values = precision.dequantized(state["exp_avg"], state["exp_avg_absmax"], "exp_avg")
+    assert (values - full["exp_avg"]).abs().max() <= 0.02 * full["exp_avg"].abs().max()
+    assert (p8 - p32).abs().max() <= 0.05 * (p32 - start).abs().max()
+
+
+def test_8bit_checkpoints_are_not_torchs_and_bad_absmax_fails_cleanly():
+    """A raw 8-bit state_dict keeps codes under ``<state>_codes``: torch.optim, given one,
+    fails at its step before changing anything (it cannot take codes for values), and
+    torch_state_dict() is the way out. A non-contiguous absmax, given by hand or in a
+    checkpoint, is refused before anything changes; so is a conversion that would read a
+    missing absmax (nothing half converted), which works once the absmax is back."""
+    gen = torch.Generator().manual_seed(13)
+    a = torch.nn.Parameter(torch.randn(5000, generator=gen))
+    b = torch.nn.Parameter(torch.randn(5000, generator=gen))
+    opt = fusedopt.AdamW([a, b], lr=1e-2, state_dtype="8bit", backend="reference")
+    for p in (a, b):
+        p.grad = torch.randn(5000, generator=gen)
+    opt.step()
+    saved = opt.state_dict()
+    assert set(saved["state"][0]) == {"step", "exp_avg_codes", "exp_avg_sq_codes",
+                                      "exp_avg_absmax", "exp_avg_sq_absmax"}
+    q = torch.nn.Parameter(a.detach().clone())
+    twin = torch.optim.AdamW([q], lr=1e-2)
+    twin.load_state_dict({"state": {0: saved["state"][0]},
+                          "param_groups": [{**saved["param_groups"][0], "params": [0]}]})
+    q.grad = torch.randn(5000, generator=gen)
+    with pytest.raises(KeyError, match="exp_avg"):
+        twin.step()
+    assert torch.equal(q, a)
+    with pytest.raises(ValueError, match="exp_avg_absmax"):
+        precision.torch_state_dict({**saved, "state": {0: {
+            k: v for k, v in saved["state"][0].items() if k != "exp_avg_absmax"}}})
+    # a non-contiguous absmax: by hand, and in a checkpoint
+    before = {k: v.clone() for k, v in opt.state[a].items()}
+    strided = torch.zeros(20, 2)
+    strided[:, 0] = before["exp_avg_absmax"]
+    opt.state[a]["exp_avg_absmax"] = strided[:, 0]
+    with pytest.raises(ValueError, match="not contiguous"):
+        opt.step()
+    assert torch.equal(a, q) and torch.equal(strided[:, 1], torch.zeros(20))
+    broken = copy.deepcopy(saved)
+    broken["state"][0]["exp_avg_absmax"] = strided[:, 0]
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.load_state_dict(broken)
+    opt.state[a]["exp_avg_absmax"] = before["exp_avg_absmax"]
+    # a conversion that would read a missing absmax converts nothing
+    absmax = opt.state[b].pop("exp_avg_absmax")
+    opt.param_groups[0]["state_dtype"] = torch.bfloat16
+    with pytest.raises(ValueError, match="exp_avg_absmax"):
+        opt.step()
+    assert opt.state[a]["exp_avg"].dtype == torch.uint8
+    opt.state[b]["exp_avg_absmax"] = absmax
+    opt.step()
+    assert all(opt.state[p]["exp_avg"].dtype == torch.bfloat16 for p in (a, b))
