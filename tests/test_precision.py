@@ -593,15 +593,18 @@ def test_options_are_group_options():
     assert torch.equal(a.detach(), opt.state[a]["master_param"].bfloat16())
 
 
-def test_compiled_train_step_with_master_weights():
+@pytest.mark.parametrize(("width", "options"), [
+    (16, {"master_weights": True}),
+    (128, {"master_weights": True, "state_dtype": "8bit"}),  # (8,192 weights: 8-bit states)
+], ids=["master", "master-8bit"])
+def test_compiled_train_step_with_master_weights(width, options):
     """A compiled forward, backward and step (the step one fusedopt custom op) with master
-    weights: the same params and masters as eager."""
+    weights (and 8-bit states): the same params and states as eager."""
     torch.manual_seed(0)
-    model = torch.nn.Linear(16, 4).bfloat16()
-    twin = torch.nn.Linear(16, 4).bfloat16()
-    twin.load_state_dict(model.state_dict())
-    opt = fusedopt.AdamW(model.parameters(), lr=1e-2, master_weights=True, backend="reference")
-    eager = fusedopt.AdamW(twin.parameters(), lr=1e-2, master_weights=True, backend="reference")
+    model = torch.nn.Linear(width, 64 if width > 16 else 4).bfloat16()
+    twin = copy.deepcopy(model)
+    opt = fusedopt.AdamW(model.parameters(), lr=1e-2, backend="reference", **options)
+    eager = fusedopt.AdamW(twin.parameters(), lr=1e-2, backend="reference", **options)
 
     @torch.compile(backend="aot_eager")
     def train(x):
@@ -610,14 +613,17 @@ def test_compiled_train_step_with_master_weights():
         opt.zero_grad()
 
     for _ in range(3):
-        x = torch.randn(8, 16).bfloat16()
+        x = torch.randn(8, width).bfloat16()
         train(x)
         twin(x).float().square().mean().backward()
         eager.step()
         eager.zero_grad()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
-        assert torch.equal(opt.state[p]["master_param"], eager.state[q]["master_param"])
+        assert list(opt.state[p]) == list(eager.state[q])
+        assert all(torch.equal(v, eager.state[q][k]) for k, v in opt.state[p].items())
+    if "state_dtype" in options:
+        assert opt.state[model.weight]["exp_avg"].dtype == torch.uint8
 
 
 # ---- hostile use (a review's attacks, each once a bug) ------------------------------------
