@@ -365,7 +365,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if checking:
                         if (isinstance(value, Tensor) and value.dtype == QUANTIZED
                                 and value.dtype != dtype and not remake):
-                            precision.check_quantized(value, absmax, name, owner)
+                            # (torch's loader moved the absmax to the param's device, and
+                            # not the codes, set aside)
+                            precision.check_quantized(
+                                value.to(p.device), absmax.to(p.device)
+                                if isinstance(absmax, Tensor) else absmax, name, owner)
                         continue
                     self._state_in_its_dtype(p, state, name, value, dtype, absmax,
                                              self.param_groups[g], remake)
@@ -403,12 +407,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                                         memory_format=torch.preserve_format)
             elif value.dtype == QUANTIZED:  # 8-bit states kept in another dtype
                 value = precision.dequantized(value.to(p.device), absmax.to(p.device), name)
-                state.pop(scale, None)
-            value = value.to(device=p.device)
-            if dtype == QUANTIZED:
-                state[name], state[scale] = precision.quantized(value, name)
+            if dtype == QUANTIZED:  # (quantized in the param's layout: blocks are runs of it)
+                values = torch.empty_like(p, dtype=torch.float32,
+                                          memory_format=torch.preserve_format)
+                state[name], state[scale] = precision.quantized(values.copy_(value), name)
             else:
-                state[name] = value.to(dtype)
+                state[name] = value.to(device=p.device, dtype=dtype)
+                state.pop(scale, None)  # (once the values are in: a failure can be retried)
         elif isinstance(value, Tensor):
             if value is not dict.get(state, name):
                 state[name] = value.to(device=p.device)

@@ -191,9 +191,11 @@ def live_state(values: dict[str, Any]) -> dict[str, Any]:
     """A saved param state with each 8-bit state's codes under the state's own name again,
     as ``optimizer.state`` keeps them (the inverse of :func:`saved_state`)."""
     def key(name: str, value: Any) -> str:
+        state = name.removesuffix(quantization.CODES_SUFFIX)
         if (name.endswith(quantization.CODES_SUFFIX) and isinstance(value, Tensor)
-                and value.dtype == QUANTIZED):
-            return name.removesuffix(quantization.CODES_SUFFIX)
+                and value.dtype == QUANTIZED and quantization.absmax_name(state) in values
+                and state not in values):
+            return state
         return name
 
     return {key(name, value): value for name, value in values.items()}

@@ -108,6 +108,13 @@ def stored_dtype(p: Tensor, name: str, dtype_of: Callable[[str], torch.dtype] | 
     return dtype
 
 
+def same_memory_order(a: Tensor, b: Tensor) -> bool:
+    """Whether dense tensors of one shape lay their elements out in the same order (strides
+    may differ on dims of size 1)."""
+    return a.shape == b.shape and all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape)
+                                      if n > 1)
+
+
 def scalar_device(p: Tensor) -> torch.device:
     """Where a param's scalar states live: next to it (the kernels read and write them), but
     on the CPU for meta params, as torch keeps them (a meta scalar has no value to read)."""
@@ -215,8 +222,11 @@ class StateOfBucket:
                 fresh = fresh or name not in self.extras
                 self.created.append((state, name))
                 state[name] = value
-            elif value.dtype == QUANTIZED and value.stride() != p.stride():
-                value = self._quantized_in_params_layout(p, state, name, value)
+            elif value.dtype == QUANTIZED and not same_memory_order(value, p):
+                old, value = value, self._quantized_in_params_layout(p, state, name, value)
+                flags = self.opt.__dict__.get("_new_state")
+                if flags is not None and old in flags:  # (SGD's fresh buffer stays fresh)
+                    flags[value] = flags.pop(old)
             tensors.append(value)  # (in its own layout: the triton runner copes, see there)
         return tensors, fresh
 
@@ -277,6 +287,12 @@ def check_existing_state(opt, p: Tensor, names: tuple[str, ...], owner: str, whe
     for name in names:
         value = dict.get(state, name)
         if value is None:
+            codes = dict.get(state, name.removesuffix(quantization.ABSMAX_SUFFIX))
+            if (name.endswith(quantization.ABSMAX_SUFFIX) and isinstance(codes, Tensor)
+                    and codes.dtype == QUANTIZED):
+                raise ValueError(f"{owner}: state {name!r} of {where} is missing, and the "
+                                 "8-bit state cannot be read without it (delete both to "
+                                 "start that state afresh)")
             continue
         if not isinstance(value, Tensor):
             raise ValueError(f"{owner}: state {name!r} of {where} is a "

@@ -11,7 +11,15 @@ digits. A value is stored as the code nearest to ``x / absmax`` (ties to the low
 a positive value of an unsigned state never as 0), with ``absmax`` the block's largest
 magnitude. The byte stored is the code's index in the sorted table less the index of 0
 (modulo 256, :func:`byte_of`), so that a zero byte is the value 0 in both codes: a state
-zeroed in place (``state["exp_avg"].zero_()``, a reset of the moments) reads back as zeros.
+zeroed in place (``state["exp_avg"].zero_()``, a reset of the moments) reads back as zeros,
+as long as its absmax is finite (a block that went non-finite keeps an infinite absmax, and
+0 times it is NaN: reset ``<state>_absmax`` too, ``.zero_()`` it, after a divergence).
+
+The blocks are runs of the codes' memory, laid out as the param (the engine quantizes codes
+of another layout again in the param's). Codes re-laid by hand or by a checkpoint tool
+(``.contiguous()`` on a channels_last param's codes) without their absmax cannot be told
+from right ones and read wrong: save them as they are, or through
+:func:`fusedopt.precision.torch_state_dict`.
 """
 
 from __future__ import annotations

@@ -1180,3 +1180,67 @@ def test_8bit_checkpoints_are_not_torchs_and_bad_absmax_fails_cleanly():
     opt.state[b]["exp_avg_absmax"] = absmax
     opt.step()
     assert all(opt.state[p]["exp_avg"].dtype == torch.bfloat16 for p in (a, b))
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_8bit_relay_keeps_sgds_fresh_buffer_and_skips_same_order(backend):
+    """Re-quantizing codes in a re-laid param's layout keeps SGD's "fresh buffer" flag (a
+    step AMP skipped made the buffer; the first step that runs takes buf = grad, as torch's
+    first step); strides that differ on size-1 dims only (a 1x1 conv's weight made
+    channels_last) are the same memory order: nothing is quantized again."""
+    gen = torch.Generator().manual_seed(14)
+    p = torch.nn.Parameter(torch.randn(8, 16, 8, 8, generator=gen))
+    opt = fusedopt.SGD([p], lr=0.1, momentum=0.9, dampening=0.5, state_dtype="8bit",
+                       backend=backend)
+    g = torch.randn(p.shape, generator=gen)
+    p.grad = g.clone()
+    opt.step(grad_scale=torch.tensor(1.0), found_inf=torch.tensor(1.0))  # skipped
+    p.data = p.data.to(memory_format=torch.channels_last)
+    p.grad = g.clone().to(memory_format=torch.channels_last)
+    opt.step(grad_scale=torch.tensor(1.0), found_inf=torch.tensor(0.0))
+    state = opt.state[p]
+    buf = precision.dequantized(state["momentum_buffer"], state["momentum_buffer_absmax"],
+                                "momentum_buffer")
+    assert state["momentum_buffer"].stride() == p.stride()
+    codes, absmax = precision.quantized(g.to(memory_format=torch.channels_last),
+                                        "momentum_buffer")  # (buf = g, in the param's blocks)
+    assert torch.equal(buf, precision.dequantized(codes, absmax, "momentum_buffer"))
+    # a 1x1 conv's weight: channels_last changes the strides, not the memory order (the
+    # states after another step are those of the run that kept its layout)
+    results = []
+    for relay in (False, True):
+        gen = torch.Generator().manual_seed(16)
+        w = torch.nn.Parameter(torch.randn(64, 128, 1, 1, generator=gen))
+        opt = fusedopt.Adam([w], lr=1e-2, state_dtype="8bit", backend=backend)
+        for step in range(2):
+            if relay and step == 1:
+                w.data = w.data.to(memory_format=torch.channels_last)
+            w.grad = torch.randn(w.shape, generator=gen).to(
+                memory_format=torch.channels_last if relay and step else
+                torch.contiguous_format)
+            opt.step()
+        results.append(opt.state[w])
+    assert all(torch.equal(v, results[1][k]) for k, v in results[0].items())
+
+
+def test_8bit_from_torch_checkpoints_of_any_layout():
+    """torch.optim checkpoints whose states are not dense (slices of a fused state) or laid
+    out otherwise than the param load into 8-bit states, quantized once, in the param's
+    layout; a torch state that merely ends in "_codes" keeps its name."""
+    gen = torch.Generator().manual_seed(15)
+    p = torch.nn.Parameter(torch.randn(64, 128, generator=gen))
+    fused = torch.randn(64, 384, generator=gen)
+    state = {"step": torch.tensor(3.0), "exp_avg": fused[:, :128],
+             "exp_avg_sq": fused[:, 128:256].abs().t().contiguous().t(),
+             "cluster_codes": torch.arange(5, dtype=torch.uint8)}
+    saved = {"state": {0: state}, "param_groups": [
+        {**torch.optim.Adam([p]).state_dict()["param_groups"][0], "params": [0]}]}
+    opt = fusedopt.Adam([p], state_dtype="8bit", backend="reference")
+    opt.load_state_dict(saved)
+    ours = opt.state[p]
+    assert torch.equal(ours["cluster_codes"], state["cluster_codes"])
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert ours[name].dtype == torch.uint8 and ours[name].stride() == p.stride()
+        codes, absmax = precision.quantized(state[name].contiguous(), name)
+        assert torch.equal(ours[name], codes)
+        assert torch.equal(ours[quantization.absmax_name(name)], absmax)
