@@ -189,12 +189,15 @@ def saved_state(values: dict[str, Any]) -> dict[str, Any]:
 
 def live_state(values: dict[str, Any]) -> dict[str, Any]:
     """A saved param state with each 8-bit state's codes under the state's own name again,
-    as ``optimizer.state`` keeps them (the inverse of :func:`saved_state`)."""
+    as ``optimizer.state`` keeps them (the inverse of :func:`saved_state`): uint8
+    ``<state>_codes`` of a state that can be kept in 8 bits, where ``<state>`` itself is not
+    there (anything else, a user's own ``..._codes`` in a torch checkpoint, keeps its name)."""
     def key(name: str, value: Any) -> str:
         state = name.removesuffix(quantization.CODES_SUFFIX)
         if (name.endswith(quantization.CODES_SUFFIX) and isinstance(value, Tensor)
-                and value.dtype == QUANTIZED and quantization.absmax_name(state) in values
-                and state not in values):
+                and value.dtype == QUANTIZED and state not in values
+                and (state in quantization.SIGNED_STATES
+                     or state in quantization.UNSIGNED_STATES)):
             return state
         return name
 
@@ -222,7 +225,9 @@ def torch_state_dict(state_dict: dict[str, Any], dtype: torch.dtype = torch.floa
 
     def full_precision(values: dict[str, Any]) -> dict[str, Any]:
         codes = {name: value for name, value in values.items()
-                 if isinstance(value, Tensor) and value.dtype == QUANTIZED}
+                 if isinstance(value, Tensor) and value.dtype == QUANTIZED
+                 and (name in quantization.SIGNED_STATES
+                      or name in quantization.UNSIGNED_STATES)}
         scales = {quantization.absmax_name(name) for name in codes}
         for name, value in codes.items():
             check_quantized(value, values.get(quantization.absmax_name(name)), name,
