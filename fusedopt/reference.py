@@ -545,9 +545,9 @@ def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     unsigned state never takes the code 0 but the smallest positive one: a second moment
     rounded to 0 would make Adam's step m / (sqrt(v) + eps) into m / eps, where rounding up
     only makes the step smaller. A block of zeros has absmax 0 and the code of 0. A block
-    with a NaN or an infinity gets an infinite absmax (its finite values become 0, the others
-    NaN, and take the code 0): all of it reads back as non-finite, as a training run that
-    diverged should, never as made-up finite values."""
+    with a NaN or an infinity gets an infinite absmax (its finite values become 0, its others
+    NaN, which take the lowest code): all of it reads back as non-finite, as a training run
+    that diverged should, never as made-up finite values."""
     x = x.to(torch.float32)
     blocks = memory_index(x) // quantization.BLOCK
     absmax = torch.zeros(quantization.num_blocks(x.numel()), dtype=torch.float32,

@@ -3,8 +3,8 @@ the engine use it too).
 
 A state kept in 8 bits (``state_dtype="8bit"``) is a ``uint8`` tensor of the param's shape
 and a float32 ``absmax`` per block of :data:`BLOCK` consecutive elements (in the param's
-memory order). Element ``i`` stands for ``CODE[q[i]] * absmax[i // BLOCK]``, where ``CODE``
-is a sorted table of 256 values in [-1, 1] (signed: first moments, momenta) or [0, 1]
+memory order). Element ``i`` stands for ``CODE[index_of(q[i])] * absmax[i // BLOCK]``, where
+``CODE`` is a sorted table of 256 values in [-1, 1] (signed: first moments, momenta) or [0, 1]
 (unsigned: second moments, accumulators): bitsandbytes' *dynamic* code, whose values are
 spread over seven decades, so that small elements of a block keep about two significant
 digits. A value is stored as the code nearest to ``x / absmax`` (ties to the lower code;

@@ -332,9 +332,8 @@ def _store_quantized(x, state, scale, code, offs, mask, UNSIGNED: tl.constexpr):
     blocks of lanes: the lanes start at a multiple of QUANT_BLOCK), the absmax of the lanes
     in ``mask``, and for each element the byte of the code nearest to x / absmax (ties to the
     lower code; a binary search over the sorted code, as bitsandbytes does), but never 0 for
-    a positive
-    value of an UNSIGNED state; a block with a NaN or an infinity gets an infinite absmax, so
-    that all of it reads back as non-finite (see fusedopt.reference.quantize)."""
+    a positive value of an UNSIGNED state; a block with a NaN or an infinity gets an infinite
+    absmax, so that all of it reads back as non-finite (see fusedopt.reference.quantize)."""
     LANES: tl.constexpr = x.shape[0]
     BLOCKS: tl.constexpr = LANES // QUANT_BLOCK
     x = x.to(tl.float32)
