@@ -87,8 +87,7 @@ def check_options(owner: str, group: dict[str, Any], states: tuple[str, ...] = (
     except ValueError as e:
         raise ValueError(f"{owner}: {e}") from None
     if state_dtype == QUANTIZED and not quantization.quantizable(states):
-        others = [s for s in states if s not in quantization.SIGNED_STATES
-                  and s not in quantization.UNSIGNED_STATES]
+        others = [s for s in states if not quantization.quantizable((s,))]
         raise ValueError(f"{owner}: state_dtype='8bit' quantizes moment estimates; "
                          f"{', '.join(others)} are not (keep them in torch.bfloat16 or "
                          "torch.float32)")
@@ -147,21 +146,21 @@ def quantized(value: Tensor, name: str) -> tuple[Tensor, Tensor]:
     """State ``name`` in 8 bits: (uint8 codes, float32 absmax per block)."""
     from fusedopt.reference import quantize
 
-    return quantize(value, name not in quantization.UNSIGNED_STATES)
+    return quantize(value, quantization.signed(name))
 
 
 def dequantized(codes: Tensor, absmax: Tensor, name: str) -> Tensor:
     """The float32 values of 8-bit state ``name``."""
     from fusedopt.reference import dequantize
 
-    return dequantize(codes, absmax, name not in quantization.UNSIGNED_STATES)
+    return dequantize(codes, absmax, quantization.signed(name))
 
 
 def check_quantized(codes: Tensor, absmax: Any, name: str, owner: str) -> None:
     """ValueError unless ``codes`` (a uint8 state) comes with its absmax: a float32 tensor
     of one value per block, on the same device, of a state that can be kept in 8 bits."""
     scale = quantization.absmax_name(name)
-    if name not in quantization.SIGNED_STATES and name not in quantization.UNSIGNED_STATES:
+    if not quantization.quantizable((name,)):
         raise ValueError(f"{owner}: state {name!r} is uint8, but it is never kept in 8 bits")
     blocks = quantization.num_blocks(codes.numel())
     if (not isinstance(absmax, Tensor) or absmax.dtype != torch.float32
@@ -196,8 +195,7 @@ def live_state(values: dict[str, Any]) -> dict[str, Any]:
         state = name.removesuffix(quantization.CODES_SUFFIX)
         if (name.endswith(quantization.CODES_SUFFIX) and isinstance(value, Tensor)
                 and value.dtype == QUANTIZED and state not in values
-                and (state in quantization.SIGNED_STATES
-                     or state in quantization.UNSIGNED_STATES)):
+                and quantization.quantizable((state,))):
             return state
         return name
 
@@ -226,8 +224,7 @@ def torch_state_dict(state_dict: dict[str, Any], dtype: torch.dtype = torch.floa
     def full_precision(values: dict[str, Any]) -> dict[str, Any]:
         codes = {name: value for name, value in values.items()
                  if isinstance(value, Tensor) and value.dtype == QUANTIZED
-                 and (name in quantization.SIGNED_STATES
-                      or name in quantization.UNSIGNED_STATES)}
+                 and quantization.quantizable((name,))}
         scales = {quantization.absmax_name(name) for name in codes}
         for name, value in codes.items():
             check_quantized(value, values.get(quantization.absmax_name(name)), name,

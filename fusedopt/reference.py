@@ -595,12 +595,12 @@ def precise_update(update, param: Tensor, grad: Tensor, states: dict[str, Tensor
     scales = scales or {}
     working = working_value(param, extra, write)
     upcast = {name: None if s is None else
-              dequantize(s, scales[name], name not in quantization.UNSIGNED_STATES).to(compute)
+              dequantize(s, scales[name], quantization.signed(name)).to(compute)
               if name in scales else s.to(compute) for name, s in states.items()}
     update(working, grad.to(compute), **upcast, **arguments)
     for name, s in states.items():
         if s is not None and name in scales:
-            codes, absmax = quantize(upcast[name], name not in quantization.UNSIGNED_STATES)
+            codes, absmax = quantize(upcast[name], quantization.signed(name))
             s.copy_(codes)
             scales[name].copy_(absmax)
         elif s is not None:

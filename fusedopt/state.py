@@ -187,12 +187,6 @@ class StateOfBucket:
         tensors = []
         for name in self.names:
             value = dict.get(state, name)
-            if value is None and name.endswith(quantization.ABSMAX_SUFFIX):
-                codes = name.removesuffix(quantization.ABSMAX_SUFFIX)
-                raise ValueError(
-                    f"fusedopt.{type(self.opt).__name__}: state {name!r} is missing, and the "
-                    f"8-bit state {codes!r} cannot be read without it (delete both to start "
-                    "that state afresh)")
             if value is None:
                 dtype = stored_dtype(p, name, self.dtype_of)
                 # (a precision mode's compensation starts at 0, not at the spec's initial
@@ -202,12 +196,10 @@ class StateOfBucket:
                 if name == MASTER:  # the param's value, in full precision
                     value = p.detach().to(dtype, memory_format=torch.preserve_format, copy=True)
                 elif dtype == QUANTIZED:  # 8-bit codes of the initial value, and their absmax
-                    from fusedopt.reference import quantize
+                    from fusedopt.precision import quantized
 
-                    value, absmax = quantize(
-                        torch.full_like(p, init, dtype=torch.float32,
-                                        memory_format=torch.preserve_format),
-                        name not in quantization.UNSIGNED_STATES)
+                    value, absmax = quantized(torch.full_like(
+                        p, init, dtype=torch.float32, memory_format=torch.preserve_format), name)
                     scale = quantization.absmax_name(name)
                     if dict.get(state, scale) is None:
                         self.created.append((state, scale))

@@ -57,6 +57,11 @@ def quantizable(states: tuple[str, ...]) -> bool:
     return all(s in SIGNED_STATES or s in UNSIGNED_STATES for s in states)
 
 
+def signed(state: str) -> bool:
+    """Whether 8-bit state ``state`` takes the signed code (it may be negative)."""
+    return state not in UNSIGNED_STATES
+
+
 def num_blocks(numel: int) -> int:
     """Quantization blocks of a tensor of ``numel`` elements."""
     return (numel + BLOCK - 1) // BLOCK
